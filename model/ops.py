@@ -1,0 +1,56 @@
+"""The few operations that have fused Triton kernels, behind one switch.
+
+The model calls these instead of torch directly. On CUDA with Triton installed they run the
+kernels in `kernels/`; everywhere else (CPU, other GPUs, `SD_KERNELS=0`) they run the plain
+torch code below, which is also the reference the kernels are tested against.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+_enabled = None  # None: decide per call (CUDA tensor and Triton importable)
+
+
+def use_kernels(flag):
+    """Force the Triton path on (True), off (False), or back to automatic (None)."""
+    global _enabled
+    _enabled = flag
+
+
+def _kernels_for(x):
+    if os.environ.get("SD_KERNELS") == "0" or _enabled is False:
+        return None
+    if _enabled is None and not x.is_cuda:
+        return None
+    try:
+        import kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(D)) v over [B, H, L, D] tensors."""
+    kern = _kernels_for(q)
+    if kern is not None:
+        return kern.attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def group_norm_silu(x, norm, silu=True):
+    """GroupNorm with `norm`'s groups, eps and affine weights, then SiLU when asked."""
+    kern = _kernels_for(x)
+    if kern is not None:
+        return kern.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu)
+    x = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    return F.silu(x) if silu else x
+
+
+def geglu(x):
+    """GEGLU gate: x = [a, b] on the last dim -> a * gelu(b), exact erf GELU."""
+    kern = _kernels_for(x)
+    if kern is not None:
+        return kern.geglu(x)
+    a, b = x.chunk(2, dim=-1)
+    return a * F.gelu(b)

@@ -1,0 +1,11 @@
+import os
+import sys
+
+import torch
+
+# Triton kernels run under the interpreter where there is no GPU; it must be set before
+# triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
