@@ -30,11 +30,14 @@ def _kernels_for(x):
     return kernels
 
 
-def attention(q, k, v):
-    """softmax(q k^T / sqrt(D)) v over [B, H, L, D] tensors."""
+def attention(q, k, v, kv_index=None):
+    """softmax(q k^T / sqrt(D)) v over [B, H, L, D] tensors. With kv_index (int64 [B]), k and v
+    are a table [C, H, S, D] of distinct conditions and row b attends to k[kv_index[b]]."""
     kern = _kernels_for(q)
     if kern is not None:
-        return kern.attention(q, k, v)
+        return kern.attention(q, k, v, kv_index=kv_index)
+    if kv_index is not None:
+        k, v = k[kv_index], v[kv_index]
     return F.scaled_dot_product_attention(q, k, v)
 
 
