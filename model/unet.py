@@ -312,3 +312,38 @@ def diffusers_name(name, cfg: UNetConfig):
         n = i * per_level + j
         return f"output_blocks.{n}.0.{resnet(rest)}" if kind == "resnets" else f"output_blocks.{n}.1.{rest}"
     raise KeyError(f"not a Stable Diffusion UNet weight: {name}")
+
+
+def to_diffusers_name(name, cfg: UNetConfig):
+    """The inverse of diffusers_name: the diffusers key for one of our keys (for LoRA exports)."""
+    per_level = cfg.num_res_blocks + 1
+    resnet_names = {v: k for k, v in _RESNET.items()}
+    fixed = {"input_blocks.0.0": "conv_in", "time_embed.0": "time_embedding.linear_1",
+             "time_embed.2": "time_embedding.linear_2", "out.0": "conv_norm_out", "out.2": "conv_out"}
+    module, _, param = name.rpartition(".")
+    if module in fixed:
+        return f"{fixed[module]}.{param}"
+
+    def resnet(rest):
+        for ours, theirs in resnet_names.items():
+            if rest.startswith(ours + "."):
+                return theirs + rest[len(ours):]
+        raise KeyError(f"not a UNet weight: {name}")
+
+    m = re.fullmatch(r"(input_blocks|middle_block|output_blocks)\.(?:(\d+)\.)?(\d)\.(.+)", name)
+    if not m:
+        raise KeyError(f"not a UNet weight: {name}")
+    part, n, slot, rest = m[1], int(m[2] or 0), int(m[3]), m[4]
+    if part == "middle_block":
+        return f"mid_block.resnets.{slot // 2}.{resnet(rest)}" if slot != 1 else f"mid_block.attentions.0.{rest}"
+    if part == "input_blocks":
+        if rest.startswith("op."):
+            return f"down_blocks.{n // per_level - 1}.downsamplers.0.conv.{rest[3:]}"
+        i, j = divmod(n - 1, per_level)
+        return f"down_blocks.{i}.resnets.{j}.{resnet(rest)}" if slot == 0 else f"down_blocks.{i}.attentions.{j}.{rest}"
+    i, j = divmod(n, per_level)
+    if slot == 0:
+        return f"up_blocks.{i}.resnets.{j}.{resnet(rest)}"
+    if rest.startswith("conv."):  # the Upsample, after the ResBlock (and the transformer, if any)
+        return f"up_blocks.{i}.upsamplers.0.{rest}"
+    return f"up_blocks.{i}.attentions.{j}.{rest}"

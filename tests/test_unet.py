@@ -53,6 +53,10 @@ def test_parity_and_round_trip(layout):
     assert set(back) == set(ref)
     assert all(torch.equal(back[k], ref[k]) for k in ref)
 
+    # And the inverse map (used for LoRA exports) gives back diffusers' own names.
+    assert {U.to_diffusers_name(k, ours.config) for k in ours.state_dict()} == set(ref)
+    assert all(U.diffusers_name(U.to_diffusers_name(k, ours.config), ours.config) == k for k in ours.state_dict())
+
     inferred = U.config_from_state_dict(ours.state_dict())
     assert inferred.channel_mult == ours.config.channel_mult
     assert inferred.attention_levels == ours.config.attention_levels
