@@ -1,0 +1,117 @@
+"""model/schedule.py against diffusers' DDIMScheduler with Stable Diffusion's config."""
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from model.errors import UserError
+from model.schedule import alphas_cumprod, ddim_sample, ddim_step, ddim_timesteps
+
+SD_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+                 timestep_spacing="leading")
+
+
+def scheduler(steps):
+    s = DDIMScheduler(**SD_CONFIG)
+    s.set_timesteps(steps)
+    return s
+
+
+def test_alphas_cumprod():
+    ours = alphas_cumprod()
+    assert ours.dtype == torch.float32 and ours.shape == (1000,)
+    assert torch.equal(ours, DDIMScheduler(**SD_CONFIG).alphas_cumprod)
+
+
+def test_timesteps():
+    assert ddim_timesteps(50) == list(range(981, 0, -20))
+    for steps in (1, 7, 20, 25, 50, 333, 999):
+        assert ddim_timesteps(steps) == scheduler(steps).timesteps.tolist(), steps
+    for bad in (0, -3, 1000):
+        with pytest.raises(UserError):
+            ddim_timesteps(bad)
+
+
+@pytest.mark.parametrize("steps", [50, 20])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_every_step_matches_diffusers(steps, eta):
+    ref = scheduler(steps)
+    gen = torch.Generator().manual_seed(steps)
+    for t in ref.timesteps:
+        x, eps, noise = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
+        expected = ref.step(eps, t, x, eta=eta, variance_noise=noise if eta else None).prev_sample
+        got = ddim_step(x, eps, int(t), int(t) - 1000 // steps, eta=eta, noise=noise)
+        assert torch.equal(got, expected), int(t)
+
+
+def test_step_noise_from_generator_and_low_precision():
+    """eta > 0 draws its noise from the generator as diffusers does; bf16 rounds as diffusers does."""
+    ref = scheduler(20)
+    x, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for t in (int(ref.timesteps[0]), int(ref.timesteps[-1])):
+        expected = ref.step(eps, t, x, eta=1.0, generator=torch.Generator().manual_seed(3)).prev_sample
+        got = ddim_step(x, eps, t, t - 50, eta=1.0, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(got, expected)
+        x16, eps16 = x.bfloat16(), eps.bfloat16()
+        got = ddim_step(x16, eps16, t, t - 50)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, ref.step(eps16, t, x16).prev_sample)
+
+
+class FakeUNet:
+    """A fixed random function of x, t and context, linear in each; records its calls."""
+
+    def __init__(self, channels=4, width=16, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.mix = torch.randn(channels, channels, generator=gen) * 0.3
+        self.time = torch.randn(channels, generator=gen)
+        self.text = torch.randn(width, channels, generator=gen) * 0.2
+        self.batches = []
+
+    def __call__(self, x, t, context):
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t  # diffusers passes one 0-d timestep
+        assert t.dtype == torch.int64 and context.shape[0] == x.shape[0]
+        self.batches.append(x.shape[0])
+        out = torch.einsum("oc,bchw->bohw", self.mix, x) + (t.float() / 1000)[:, None, None, None] * self.time[:, None, None]
+        return out + (context.mean(1) @ self.text)[:, :, None, None]
+
+
+def diffusers_loop(unet, cond, uncond, latents, steps, guidance, eta, generator):
+    """StableDiffusionPipeline's denoising loop, by hand."""
+    sched = scheduler(steps)
+    guided = guidance > 1
+    context = torch.cat([uncond, cond]) if guided else cond
+    for t in sched.timesteps:
+        x_in = torch.cat([latents] * 2) if guided else latents
+        eps = unet(sched.scale_model_input(x_in, t), t, context)
+        if guided:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        latents = sched.step(eps, t, latents, eta=eta, generator=generator).prev_sample
+    return latents
+
+
+@pytest.mark.parametrize("steps,guidance,eta", [(50, 7.5, 0.0), (20, 7.5, 0.5), (7, 1.0, 0.0), (20, 3.0, 1.0)])
+def test_sampling_loop_matches_diffusers(steps, guidance, eta):
+    gen = torch.Generator().manual_seed(1)
+    cond, uncond = torch.randn(3, 77, 16, generator=gen), torch.randn(3, 77, 16, generator=gen)
+    latents = torch.randn(3, 4, 8, 8, generator=gen)
+    unet = FakeUNet()
+    done = []
+    ours = ddim_sample(unet, cond, uncond, latents, steps=steps, guidance=guidance, eta=eta,
+                       generator=torch.Generator().manual_seed(2), progress=lambda i, n: done.append((i, n)))
+    # One unet call per step, uncond and cond batched together when guided.
+    assert unet.batches == [6 if guidance > 1 else 3] * steps
+    assert done == [(i, steps) for i in range(1, steps + 1)]
+    expected = diffusers_loop(FakeUNet(), cond, uncond, latents, steps, guidance, eta, torch.Generator().manual_seed(2))
+    assert torch.equal(ours, expected)
+    assert not torch.equal(ours, latents)
+
+
+def test_single_unconditional_row_is_shared():
+    gen = torch.Generator().manual_seed(4)
+    cond, uncond = torch.randn(2, 77, 16, generator=gen), torch.randn(1, 77, 16, generator=gen)
+    latents = torch.randn(2, 4, 8, 8, generator=gen)
+    unet = FakeUNet()
+    ours = ddim_sample(unet, cond, uncond, latents, steps=10)
+    assert torch.equal(ours, ddim_sample(unet, cond, uncond.expand(2, -1, -1), latents, steps=10))
+    assert torch.equal(ours, diffusers_loop(unet, cond, uncond.expand(2, -1, -1), latents, 10, 7.5, 0.0, None))
