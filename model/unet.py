@@ -266,7 +266,7 @@ def config_from_state_dict(sd):
     block = lambda level, j: 1 + level * (num_res_blocks + 1) + j
     mult = tuple(res_outs[block(level, 0)] // ch0 for level in range(levels))
     context_dim = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
-    linear = sd["middle_block.1.proj_in.weight"].dim() == 2
+    linear = len(sd["middle_block.1.proj_in.weight"].shape) == 2
     heads = tuple(8 if context_dim == 768 else ch0 * m // 64 for m in mult)
     return UNetConfig(
         in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],

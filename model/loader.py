@@ -1,0 +1,284 @@
+"""Load Stable Diffusion from the original single file, a diffusers folder, or a hub id.
+
+The modules are built on the meta device (no memory, no init) and the weights are attached with
+`load_state_dict(assign=True)`, so the only copy of each weight is the one read from disk.
+Tensors are read one at a time with plain file reads into their final dtype: no mmap of the
+whole file stays resident, and peak memory is the weights plus one tensor in flight.
+
+Layouts (SPEC section 3):
+  - original single file: keys under `model.diffusion_model.`, `first_stage_model.` and
+    `cond_stage_model.transformer.text_model.`; our module paths are those keys, so it is a copy.
+    Files we write ourselves carry each component's config as JSON in the safetensors metadata.
+  - diffusers folder: `unet/`, `vae/`, `text_encoder/` (+ `tokenizer/`), renamed key by key with
+    each component's `diffusers_name`.
+"""
+import json
+import os
+import re
+import struct
+from dataclasses import asdict
+
+import torch
+from safetensors.torch import save_file
+
+from model import clip, unet, vae
+from model.errors import UserError
+from model.schedule import alphas_cumprod as make_alphas_cumprod
+from model.tokenizer import Tokenizer
+
+# name -> (module, class, original prefix, diffusers subfolder)
+COMPONENTS = {
+    "unet": (unet, unet.UNet, "model.diffusion_model.", "unet"),
+    "vae": (vae, vae.VAE, "first_stage_model.", "vae"),
+    "text_encoder": (clip, clip.CLIPTextEncoder, "cond_stage_model.transformer.text_model.", "text_encoder"),
+}
+# The DDPM schedule buffers of the original file: the schedule is rebuilt from its formula.
+SCHEDULE_KEYS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                 "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                 "posterior_mean_coef1", "posterior_mean_coef2"}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+class StableDiffusion:
+    """The loaded model: .unet, .vae, .text_encoder, .tokenizer, .alphas_cumprod (float32 [1000])."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, alphas_cumprod, resolution=512):
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.tokenizer, self.alphas_cumprod = tokenizer, alphas_cumprod
+        self.resolution = resolution  # the image size the model was trained at
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors, read one tensor at a time
+
+class SafetensorsFile:
+    """Header of a .safetensors file and a reader for single tensors (format: u64 header length,
+    JSON header, raw little-endian data). Every way a file can be broken becomes a UserError."""
+
+    def __init__(self, path):
+        self.path = path
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if n <= 0 or 8 + n > size or n > 100_000_000:
+                raise UserError(f"{path} is not a safetensors file (bad header); re-download or re-export it")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise UserError(f"{path} is not a safetensors file (header is not JSON)") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.entries = header
+        self.data_start = 8 + n
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.data_start + end > size:
+            raise UserError(f"{path} is truncated ({size} bytes, the header needs {self.data_start + end}); "
+                            "the download or copy did not finish")
+
+    def keys(self):
+        return self.entries.keys()
+
+    def shape(self, key):
+        return torch.Size(self.entries[key]["shape"])
+
+    def read(self, key, f, dtype=None, device="cpu"):
+        e = self.entries[key]
+        begin, end = e["data_offsets"]
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        f.seek(self.data_start + begin)
+        f.readinto(raw.numpy())
+        t = raw.view(DTYPES[e["dtype"]]).reshape(e["shape"])
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t.to(device)
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """Write atomically: a killed process leaves the old file or none, never half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# building and filling the modules
+
+def _build(name, cfg, tensors):
+    """Module on the meta device, then the loaded tensors attached as its parameters."""
+    module_lib, cls, _, _ = COMPONENTS[name]
+    with torch.device("meta"):
+        model = cls(cfg)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}"
+                         f"{', ...' if len(unexpected) > 3 else ''})")
+        raise UserError(f"{name} weights do not match a Stable Diffusion {name}: {'; '.join(parts)} keys")
+    for k, v in expected.items():
+        if tensors[k].shape != v.shape:
+            raise UserError(f"{name} weight {k} has shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)}")
+    model.load_state_dict(tensors, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _fit(t, shape):
+    """Linear <-> 1x1 conv weights differ only by trailing unit dims."""
+    return t.reshape(shape) if t.shape != shape and t.numel() == shape.numel() else t
+
+
+def _load_single_file(path, device, dtype):
+    st = SafetensorsFile(path)
+    by_component = {name: {} for name in COMPONENTS}
+    unknown = []
+    for key in st.keys():
+        if key in SCHEDULE_KEYS or key.startswith("model_ema.") or key.endswith("position_ids"):
+            continue
+        for name, (_, _, prefix, _) in COMPONENTS.items():
+            if key.startswith(prefix):
+                by_component[name][key[len(prefix):]] = key
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        hint = " (an SD 2.x OpenCLIP text encoder is not supported yet)" if any(
+            k.startswith("cond_stage_model.model.") for k in unknown) else ""
+        raise UserError(f"{path}: {len(unknown)} keys are not Stable Diffusion 1.x weights{hint}: "
+                        f"{', '.join(unknown[:3])}")
+    models = {"resolution": int(st.metadata.get("resolution", 512))}
+    with open(path, "rb") as f:
+        for name, keys in by_component.items():
+            if not keys:
+                raise UserError(f"{path} has no {name} weights (no keys under '{COMPONENTS[name][2]}')")
+            module_lib = COMPONENTS[name][0]
+            if f"{name}_config" in st.metadata:
+                fields = json.loads(st.metadata[f"{name}_config"])
+                cfg = type(module_lib.TINY)(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+            else:
+                cfg = module_lib.config_from_state_dict({k: _Shape(st.shape(full)) for k, full in keys.items()})
+            tensors = {k: st.read(full, f, dtype, device) for k, full in keys.items()}
+            models[name] = _build(name, cfg, tensors)
+    return models
+
+
+class _Shape:
+    """Stands in for a tensor where only .shape is needed (config inference from a header)."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+
+def _component_files(folder):
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        pickles = [f for f in os.listdir(folder) if f.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise UserError(_pickle_message(os.path.join(folder, pickles[0])))
+        raise UserError(f"{folder} holds no .safetensors weights")
+    # Prefer full-precision files over variants (model.fp16.safetensors) when both are there.
+    plain = [f for f in files if not re.search(r"\.(fp16|bf16|fp32|non_ema)\.safetensors$", f)]
+    return [os.path.join(folder, f) for f in (plain or files)]
+
+
+def _load_diffusers_folder(path, device, dtype):
+    models = {}
+    for name, (module_lib, _, _, sub) in COMPONENTS.items():
+        folder = os.path.join(path, sub)
+        config_path = os.path.join(folder, "config.json")
+        if not os.path.isfile(config_path):
+            raise UserError(f"{path} is a diffusers folder without {sub}/config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        cfg = module_lib.config_from_diffusers(config)
+        if name == "vae":  # the VAE's sample_size is in pixels (SD1.5: 512)
+            models["resolution"] = config.get("sample_size", 512)
+        tensors = {}
+        for file in _component_files(folder):
+            st = SafetensorsFile(file)
+            with open(file, "rb") as f:
+                for key in st.keys():
+                    if key.endswith("position_ids"):
+                        continue
+                    try:
+                        ours = module_lib.diffusers_name(key, cfg)
+                    except KeyError:
+                        ours = key  # reported below as unexpected
+                    tensors[ours] = st.read(key, f, dtype, device)
+        with torch.device("meta"):
+            shapes = COMPONENTS[name][1](cfg).state_dict()
+        tensors = {k: _fit(v, shapes[k].shape) if k in shapes else v for k, v in tensors.items()}
+        models[name] = _build(name, cfg, tensors)
+    return models
+
+
+# ---------------------------------------------------------------------------------------------
+# the entry point
+
+def _pickle_message(path):
+    return (f"{path} is a pickle file: loading one runs whatever code it contains, so it is refused. "
+            "Convert it once in a trusted environment to .safetensors (e.g. torch.load, then "
+            "safetensors.torch.save_file(state_dict)) or use the model's .safetensors release")
+
+
+def _resolve(path):
+    """A local file or folder, or a hub id resolved through huggingface_hub's cache."""
+    if os.path.exists(path):
+        return path
+    looks_like_file = path.endswith((".safetensors", ".json") + PICKLE_SUFFIXES)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith(".") and not looks_like_file:
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise UserError(f"{path} is not a local path, and huggingface_hub (needed for hub ids) is not "
+                            "installed: pip install huggingface_hub") from None
+        patterns = ["*.json", "*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors"]
+        try:
+            return snapshot_download(path, allow_patterns=patterns, local_files_only=True)
+        except Exception:
+            pass
+        try:
+            return snapshot_download(path, allow_patterns=patterns)
+        except Exception as e:
+            raise UserError(f"model {path}: no such file or folder, and not a hub id in the local cache or "
+                            f"downloadable ({type(e).__name__})") from None
+    raise UserError(f"model path {path} does not exist")
+
+
+def load(path, device="cpu", dtype=torch.float32):
+    """Stable Diffusion from a single .safetensors file, a diffusers folder, or a hub id."""
+    path = _resolve(str(path))
+    if path.endswith(PICKLE_SUFFIXES) and os.path.isfile(path):
+        raise UserError(_pickle_message(path))
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise UserError(f"{path}: expected a .safetensors file or a diffusers folder")
+        models = _load_single_file(path, device, dtype)
+        tokenizer = Tokenizer.from_clip_bpe()
+    elif os.path.isdir(os.path.join(path, "unet")):
+        models = _load_diffusers_folder(path, device, dtype)
+        tok_dir = os.path.join(path, "tokenizer")
+        has_files = os.path.isfile(os.path.join(tok_dir, "vocab.json"))
+        tokenizer = Tokenizer.from_folder(tok_dir) if has_files else Tokenizer.from_clip_bpe()
+    else:
+        raise UserError(f"{path} is neither a .safetensors file nor a diffusers folder (no unet/ inside)")
+    return StableDiffusion(models["unet"], models["vae"], models["text_encoder"], tokenizer,
+                           make_alphas_cumprod(), models["resolution"])
+
+
+def save(sd, path, dtype=None, resolution=None):
+    """Write a model as one original-layout .safetensors file with its configs as metadata."""
+    tensors, metadata = {}, {"resolution": str(resolution or sd.resolution)}
+    for name, (_, _, prefix, _) in COMPONENTS.items():
+        module = getattr(sd, name)
+        metadata[f"{name}_config"] = json.dumps(asdict(module.config))
+        for k, v in module.state_dict().items():
+            tensors[prefix + k] = v.to(dtype) if dtype is not None else v
+    save_safetensors(tensors, path, metadata)

@@ -1,0 +1,86 @@
+"""Tiny random Stable Diffusion models built with diffusers/transformers, written in both checkpoint
+layouts: the references every parity and end-to-end test compares against."""
+import json
+import os
+from dataclasses import asdict
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from model import clip, unet, vae
+from model.loader import COMPONENTS, SCHEDULE_KEYS, save_safetensors
+from model.tokenizer import write_vocab_files
+
+UNET = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2)
+VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+           up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1, sample_size=32)
+TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32)
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def randomize(model, scale=0.1):
+    """Default inits leave norms at 1/0 and some biases at 0: make every tensor matter."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(scale * torch.randn_like(p))
+    return model.eval()
+
+
+def pipeline(folder, seed=0):
+    """A tiny random StableDiffusionPipeline; its tokenizer files are written into `folder`."""
+    torch.manual_seed(seed)
+    tok_dir = os.path.join(folder, "tokenizer_files")
+    os.makedirs(tok_dir, exist_ok=True)
+    write_vocab_files(tok_dir)
+    return StableDiffusionPipeline(
+        vae=randomize(AutoencoderKL(**VAE)), text_encoder=randomize(CLIPTextModel(CLIPTextConfig(**TEXT))),
+        tokenizer=CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt")),
+        unet=randomize(UNet2DConditionModel(**UNET)), scheduler=DDIMScheduler(**SD_SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def write_diffusers_folder(pipe, path):
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def original_state_dict(pipe, with_extras=True):
+    """The original single-file layout, made from diffusers' weights by our name maps (diffusers'
+    converters map it back exactly: tests/test_loader.py checks)."""
+    parts = {"unet": (unet, pipe.unet), "vae": (vae, pipe.vae), "text_encoder": (clip, pipe.text_encoder)}
+    out = {}
+    for name, (lib, module) in parts.items():
+        cfg = lib.config_from_diffusers(dict(module.config) if name != "text_encoder" else module.config.to_dict())
+        with torch.device("meta"):
+            shapes = COMPONENTS[name][1](cfg).state_dict()
+        prefix = COMPONENTS[name][2]
+        for key, value in module.state_dict().items():
+            if key.endswith("position_ids"):
+                continue
+            ours = lib.diffusers_name(key, cfg)
+            out[prefix + ours] = value.reshape(shapes[ours].shape).clone()
+    if with_extras:  # what real files carry and the loader must skip
+        for key in SCHEDULE_KEYS:
+            out[key] = torch.rand(1000)
+        out["model_ema.decay"] = torch.tensor(0.9999)
+        out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77.0)[None]
+    return out
+
+
+def write_single_file(pipe, path):
+    """Tiny head counts cannot be inferred from weights (SD1.5's can), so the configs ride along
+    as metadata, as in the files model.save writes."""
+    configs = {"unet_config": dict(pipe.unet.config), "vae_config": dict(pipe.vae.config),
+               "text_encoder_config": pipe.text_encoder.config.to_dict()}
+    libs = {"unet_config": unet, "vae_config": vae, "text_encoder_config": clip}
+    metadata = {k: json.dumps(asdict(libs[k].config_from_diffusers(v))) for k, v in configs.items()}
+    metadata["resolution"] = str(pipe.vae.config.sample_size)
+    save_safetensors(original_state_dict(pipe), path, metadata)
+    return path
+
