@@ -1,0 +1,63 @@
+"""Prompts -> images with the learned tokens: text encoder, DDIM with guidance, VAE decode, PNGs.
+
+Shared by sample.py and the validation grids at the end of each training stage.
+"""
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.schedule import ddim_sample
+
+
+@torch.no_grad()
+def encode_prompts(sd, prompts, extra_embeddings=None):
+    ids = sd.tokenizer(prompts).to(sd.unet.out[2].weight.device)
+    return sd.text_encoder(ids, extra_embeddings=extra_embeddings)
+
+
+@torch.no_grad()
+def generate(sd, prompts, extra_embeddings=None, seed=0, steps=50, guidance=7.5, resolution=512, batch=4):
+    """Images in [0, 1], [len(prompts), 3, H, W] float32 on the CPU. Each image's starting noise
+    depends only on the seed and its position, so a run is reproducible batch size aside."""
+    weight = sd.unet.out[2].weight
+    latent = resolution // 2 ** (len(sd.vae.config.ch_mult) - 1)  # SD's VAE: 8x smaller
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(prompts), 4, latent, latent, generator=generator)
+    uncond_one = encode_prompts(sd, [""])
+    images = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        cond = encode_prompts(sd, chunk, extra_embeddings)
+        uncond = uncond_one.expand(len(chunk), -1, -1)
+        z = ddim_sample(sd.unet, cond, uncond, noise[start:start + batch].to(weight.device, weight.dtype),
+                        steps=steps, guidance=guidance)
+        x = sd.vae.decode(z / sd.vae.scaling_factor)
+        images.append((x.float() / 2 + 0.5).clamp(0, 1).cpu())
+    return torch.cat(images)
+
+
+def to_pil(image):
+    """[3, H, W] in [0, 1] -> an 8-bit RGB image."""
+    return Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def grid(images, columns=None):
+    """One picture of [N, 3, H, W] images, row by row."""
+    n, _, h, w = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    canvas = torch.ones(3, rows * h, columns * w)
+    for k, image in enumerate(images):
+        r, c = divmod(k, columns)
+        canvas[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    return to_pil(canvas)
+
+
+def save_png(pil_image, path):
+    """Atomic, like every output: a killed run leaves no half-written picture."""
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    pil_image.save(tmp)
+    os.replace(tmp, path)

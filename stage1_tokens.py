@@ -1,0 +1,276 @@
+"""Stage 1: learn a token <v> for the subject of a few photos (ConceptPrism), optionally with
+ACCORD's DDLoss and PDLoss.
+
+    python stage1_tokens.py --images photos/ --model sd15.safetensors --out runs/dog
+
+Besides <v>, every photo i gets 8 residual tokens <r_i> that are free to absorb what is specific
+to that photo (background, pose, light). The exclusion loss pushes <r_i> to say nothing about the
+*other* photos, so what they share (the subject) can only live in <v>. The UNet stays frozen;
+only the new vectors train. Each step evaluates the UNet on up to ten rows (SPEC section 4):
+
+  row  latent      condition    gradient          row  latent      condition  gradient
+  1    z_t^i       <v> <r_i>    yes (L_rec, DD)   5-7  z_tj^j      <r_i>      yes (L_excl)
+  2    z_t^i       <v>          yes (DD)          8-10 z_tj^j      ""         stop
+  3    z_t^i       <r_i>        stop (DD)
+  4    z_t^i       ""           stop (DD)
+
+Only four distinct conditions exist, so the text encoder runs on those four and the rows index
+them; the UNet runs once on the gradient rows and once, without a graph, on the stop rows.
+Without DDLoss rows 2-4 disappear.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import accord_losses
+import model
+from model import run
+from model.data import NEUTRAL_CAPTION, load_images
+from model.generate import generate, grid, save_png
+
+RESIDUALS_PER_IMAGE = 8
+VALIDATION_PROMPTS = ["a photo of <v>", "a photo of <v> on the beach", "a photo of <v> in the snow",
+                      "an oil painting of <v>"]
+
+
+# -------------------------------------------------------------------------------------------------
+# settings
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--images", required=True, help="folder of 2-6 photos of one subject (NN.txt captions beside them)")
+    p.add_argument("--model", default=model.DEFAULT_MODEL, help="SD1.5 .safetensors file, diffusers folder or hub id")
+    p.add_argument("--out", default=None, help="run folder (default runs/<images folder name>)")
+    p.add_argument("--captions", default=None, help="JSON file mapping image file names to captions")
+    p.add_argument("--steps", type=int, default=200, help="optimisation steps")
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
+    p.add_argument("--weight_decay", type=float, default=1e-2, help="AdamW weight decay on the new vectors")
+    p.add_argument("--beta", type=float, default=0.05, help="weight of the cross-image exclusion loss")
+    p.add_argument("--dd_weight", type=float, default=0.0, help="ACCORD DDLoss weight (0 = off; paper: 0.1-0.3)")
+    p.add_argument("--dd_space", choices=["xprev", "eps"], default="xprev", help="DDLoss in posterior-mean or eps space")
+    p.add_argument("--pd_weight", type=float, default=0.0, help="ACCORD PDLoss weight (0 = off; paper: 0.001-0.003)")
+    p.add_argument("--superclass", default=None, help="PDLoss superclass word, e.g. dog (PDLoss needs it)")
+    p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's, 512 for SD)")
+    p.add_argument("--seed", type=int, default=42, help="seed for initialisation, noise and sampling")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default=None, help="default cuda when available")
+    p.add_argument("--save_every", type=int, default=50, help="checkpoint every this many steps")
+    p.add_argument("--val_steps", type=int, default=50, help="DDIM steps of the final validation grid (0 = no grid)")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--nan_at_step", type=int, default=None, help=argparse.SUPPRESS)  # fault-injection for tests
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.lr <= 0 or args.beta < 0 or args.dd_weight < 0 or args.pd_weight < 0:
+        raise model.UserError("--steps must be >= 1, --lr > 0 and the loss weights >= 0")
+    if args.pd_weight > 0 and not args.superclass:
+        raise model.UserError("--pd_weight needs --superclass (the subject's class word, e.g. dog)")
+    args.out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(args.images)))
+    return args
+
+
+# -------------------------------------------------------------------------------------------------
+# the step
+
+def draw(generator, n_images, n_anchors, latent_shape):
+    """The random choices of one step, all from one CPU generator so --resume replays them."""
+    i = int(torch.randint(n_images, (1,), generator=generator))
+    others = [j for j in range(n_images) if j != i]
+    anchors = [others[k] for k in torch.randperm(len(others), generator=generator)[:n_anchors].tolist()]
+    t = torch.randint(0, 1000, (1 + n_anchors,), generator=generator)
+    noise = torch.randn(1 + n_anchors, *latent_shape, generator=generator)
+    return i, anchors, t, noise
+
+
+def noisy(latents, t, noise, alphas_cumprod):
+    """z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps."""
+    abar = alphas_cumprod[t].view(-1, 1, 1, 1).to(latents.dtype)
+    return abar.sqrt() * latents + (1 - abar).sqrt() * noise
+
+
+def stage1_losses(unet, conditions, empty, z_i, z_anchors, t, noise, alphas_cumprod, with_dd, dd_space="xprev",
+                  mode="ours"):
+    """Loss terms of one step. conditions: [3, 77, D] text-encoder output (with grad) for
+    "<v> <r_i>", "<v>", "<r_i>"; empty: [1, 77, D] for "". z_i [1,4,h,w], z_anchors [K,4,h,w],
+    t [1+K] (t[0] for image i), noise [1+K,4,h,w] (noise[0] for image i).
+
+    mode "ours": one UNet call on the gradient rows, one graph-free call on the stop rows, the
+    cross-attention reading a table of the four conditions. "per_condition": the reference way,
+    one UNet call per condition. "one_graph": every row in one call and one graph, the stop rows
+    detached afterwards (what batching without care costs)."""
+    k = z_anchors.shape[0]
+    x_i = noisy(z_i, t[:1], noise[:1], alphas_cumprod)
+    x_j = noisy(z_anchors, t[1:], noise[1:], alphas_cumprod)
+    table = torch.cat([conditions, empty.to(conditions.dtype)])  # rows index it: 0 pg, 1 p, 2 g, 3 ""
+    PG, P, G, NULL = 0, 1, 2, 3
+
+    # (latent, timesteps, condition) groups, in the order the loss terms read them
+    grad_rows = [(x_i, t[:1], PG)] + ([(x_i, t[:1], P)] if with_dd else []) + [(x_j, t[1:], G)] * (k > 0)
+    stop_rows = ([(x_i, t[:1], G), (x_i, t[:1], NULL)] if with_dd else []) + [(x_j, t[1:], NULL)] * (k > 0)
+
+    def batched(rows, table):
+        x = torch.cat([r[0] for r in rows])
+        index = torch.cat([torch.full((len(r[1]),), r[2], device=x.device) for r in rows])
+        return list(unet(x, torch.cat([r[1] for r in rows]), table, index).split([len(r[1]) for r in rows]))
+
+    if mode == "ours":
+        eps_grad = batched(grad_rows, table)
+        with torch.no_grad():
+            eps_stop = batched(stop_rows, table.detach()) if stop_rows else []
+    elif mode == "per_condition":
+        eps_grad = [unet(x, tt, table[c].expand(len(tt), -1, -1)) for x, tt, c in grad_rows]
+        with torch.no_grad():
+            eps_stop = [unet(x, tt, table[c].expand(len(tt), -1, -1)) for x, tt, c in stop_rows]
+    elif mode == "one_graph":
+        eps_all = batched(grad_rows + stop_rows, table)
+        eps_grad, eps_stop = eps_all[:len(grad_rows)], [e.detach() for e in eps_all[len(grad_rows):]]
+    else:
+        raise ValueError(f"unknown mode {mode}")
+
+    eps_pg = eps_grad[0].float()
+    terms = {"rec": accord_losses.reconstruction_loss(eps_pg, noise[:1].to(eps_pg))}
+    if k > 0:
+        terms["excl"] = accord_losses.exclusion_loss(eps_grad[-1].float(), eps_stop[-1].float())
+    if with_dd:
+        terms["dd"] = accord_losses.dd_loss(eps_pg, eps_grad[1].float(), eps_stop[0].float(), eps_stop[1].float(),
+                                            t[:1].to(eps_pg.device), alphas_cumprod.to(eps_pg.device), space=dd_space)
+    return terms
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = args.precision or ("bf16" if device.startswith("cuda") else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    torch.manual_seed(args.seed)
+
+    # ---------------------------------------------------------------------------------------------
+    # load
+    checkpoint_path = run.prepare_out(args.out, "stage1", args.resume, args.overwrite)
+    sd = model.load(args.model, device, dtype)
+    resolution = args.resolution or sd.resolution
+    refs = load_images(args.images, resolution, args.captions)
+    for message in refs.warnings:
+        run.warn(message)
+    n = len(refs.names)
+    captions = refs.captions or [NEUTRAL_CAPTION] * n
+    if refs.captions is None:
+        run.warn(f"no captions found: residual tokens start from the neutral caption '{NEUTRAL_CAPTION}'")
+    beta = args.beta
+    if n == 1 and beta > 0:
+        run.warn("one image: the exclusion loss needs at least two, so it is off (beta = 0)")
+        beta = 0.0
+    n_anchors = min(3, n - 1) if beta > 0 else 0
+    with_dd = args.dd_weight > 0
+
+    # The new tokens: ids after the frozen table, vectors in their own fp32 parameters.
+    residual_tokens = run.residual_names(n, RESIDUALS_PER_IMAGE)
+    sd.tokenizer.add_tokens([run.TARGET_TOKEN] + sum(residual_tokens, []))
+    encoder = sd.text_encoder
+    with torch.no_grad():
+        table = encoder.embeddings.token_embedding.weight.float()
+        init_gen = torch.Generator().manual_seed(args.seed)
+        target0 = table.mean(0) + table.std(0) * torch.randn(table.shape[1], generator=init_gen).to(table.device)
+        # Residuals start at the mean of the caption's contextual embeddings (BOS < position < first EOS).
+        ids = sd.tokenizer([c or NEUTRAL_CAPTION for c in captions]).to(device)  # an empty caption has no tokens
+        hidden = encoder(ids).float()
+        position = torch.arange(ids.shape[1], device=device)[None]
+        first_eos = (ids == sd.tokenizer.eos_id).int().argmax(1, keepdim=True)
+        inside = (position > 0) & (position < first_eos)
+        mean = (hidden * inside[..., None]).sum(1) / inside.sum(1, keepdim=True).clamp(min=1)
+    target = torch.nn.Parameter(target0[None].to(device))
+    residual = torch.nn.Parameter(mean[:, None].repeat(1, RESIDUALS_PER_IMAGE, 1).contiguous())
+    params = {"target": target, "residual": residual}
+    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=precision == "fp16")
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def extra_embeddings():
+        return torch.cat([target, residual.flatten(0, 1)]).to(dtype)
+
+    # Prompts of the four conditions per image, tokenised once; "" and the latents are constants.
+    with_r = [" ".join(r) for r in residual_tokens]
+    ids_pg = sd.tokenizer([f"{run.TARGET_TOKEN} {r}" for r in with_r]).to(device)
+    ids_g = sd.tokenizer(with_r).to(device)
+    ids_p = sd.tokenizer([run.TARGET_TOKEN]).to(device)
+    with torch.no_grad():
+        empty = encoder(sd.tokenizer([""]).to(device))
+        latents = torch.cat([sd.vae.encode(x[None].to(device, dtype))[0] for x in refs.images]) * sd.vae.scaling_factor
+    if args.pd_weight > 0:
+        ids_pd = sd.tokenizer([f"a photo of {run.TARGET_TOKEN}"]).to(device)
+        with torch.no_grad():
+            f_s = encoder.pooled(sd.tokenizer([f"a photo of {args.superclass}"]).to(device)).float()
+            f_g = encoder.pooled(sd.tokenizer(captions).to(device)).float()
+    alphas_cumprod = sd.alphas_cumprod.to(device)
+
+    start = 0
+    if args.resume:
+        start, _ = run.load_checkpoint(checkpoint_path, params, optimizer, generator)
+        print(f"resuming at step {start}")
+    log = run.Log(os.path.join(args.out, "stage1_log.jsonl"), resume_step=start if args.resume else None)
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "nan_at_step")}
+    settings.update(beta=beta, resolution=resolution, precision=precision, device=device)
+
+    # ---------------------------------------------------------------------------------------------
+    # train
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="stage 1", dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        rng_before = generator.get_state()  # a checkpoint taken inside this step must replay it
+        i, anchors, t, noise = draw(generator, n, n_anchors, latents.shape[1:])
+        ids = torch.cat([ids_pg[i:i + 1], ids_p, ids_g[i:i + 1]] + ([ids_pd] if args.pd_weight > 0 else []))
+        hidden = encoder(ids, extra_embeddings=extra_embeddings())
+        terms = stage1_losses(sd.unet, hidden[:3], empty, latents[i:i + 1], latents[anchors],
+                              t.to(device), noise.to(device, dtype), alphas_cumprod, with_dd, args.dd_space)
+        loss = terms["rec"] + beta * terms.get("excl", 0.0) + args.dd_weight * terms.get("dd", 0.0)
+        if args.pd_weight > 0:
+            f_p = encoder.pooled_from_hidden(hidden[3:], ids[3:]).float()
+            terms["pd"] = accord_losses.pd_loss(f_p, f_s, f_g)
+            loss = loss + args.pd_weight * terms["pd"]
+        if args.nan_at_step == step:
+            loss = loss * float("nan")
+        if not torch.isfinite(loss):
+            generator.set_state(rng_before)
+            run.save_checkpoint(checkpoint_path, params, optimizer, generator, step, {"settings": json.dumps(settings)})
+            raise model.UserError(f"the loss became {loss.item()} at step {step}; the last good state (before step "
+                                  f"{step}) is saved, try a lower --lr and --resume")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+
+        values = {name: round(value.item(), 6) for name, value in terms.items()}
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) * 1000
+        log.write({"step": step + 1, "loss": round(loss.item(), 6), **values, "ms": round(ms, 2)})
+        bar.set_postfix({**{k: f"{v:.4f}" for k, v in values.items()}, "ms/step": f"{ms:.0f}"})
+        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            run.save_checkpoint(checkpoint_path, params, optimizer, generator, step + 1,
+                                {"settings": json.dumps(settings)})
+
+    # ---------------------------------------------------------------------------------------------
+    # save
+    run.save_tokens(args.out, target, residual, {
+        "format": "conceptprism-tokens-v1", "target_token": run.TARGET_TOKEN, "images": refs.names,
+        "captions": captions, "residuals_per_image": RESIDUALS_PER_IMAGE, "steps": args.steps,
+        "settings": settings})
+    run.save_checkpoint(checkpoint_path, params, optimizer, generator, args.steps, {"settings": json.dumps(settings)})
+    if args.val_steps > 0:
+        images = generate(sd, VALIDATION_PROMPTS, extra_embeddings().detach(), seed=args.seed, steps=args.val_steps,
+                          resolution=resolution)
+        save_png(grid(images, columns=len(VALIDATION_PROMPTS)), os.path.join(args.out, "stage1_grid.png"))
+    run.mark_done(args.out, "stage1")
+    print(f"stage 1 done: {args.out}/{run.TOKENS_FILE} (target token <v> also in v.diffusers.safetensors "
+          "and v.a1111.safetensors)")
+
+
+if __name__ == "__main__":
+    run.report_user_errors()
+    main()

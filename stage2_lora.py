@@ -1,0 +1,160 @@
+"""Stage 2: LoRA on the UNet's attention, with the stage-1 tokens frozen (ConceptPrism Algorithm 2),
+optionally with ACCORD's DDLoss.
+
+    python stage2_lora.py --out runs/dog
+
+Reads tokens.safetensors from the run folder stage 1 wrote and trains rank-4 LoRA on to_q, to_k,
+to_v and to_out.0 of every attention layer with L_ft = ||eps - U_lora(z_t^i, t, E("<v> <r_i>"))||^2.
+The tokens are frozen, so every condition's text embedding is computed once before the loop.
+Writes the LoRA in the diffusers/PEFT layout (lora.peft.safetensors) and the kohya/A1111 layout
+(lora.kohya.safetensors).
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import accord_losses
+import model
+from model import lora, run
+from model.data import load_images
+from model.generate import generate, grid, save_png
+from stage1_tokens import VALIDATION_PROMPTS, noisy
+
+
+# -------------------------------------------------------------------------------------------------
+# settings
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="the run folder stage 1 wrote")
+    p.add_argument("--images", default=None, help="reference photos (default: the folder stage 1 used)")
+    p.add_argument("--model", default=None, help="model (default: the one stage 1 used)")
+    p.add_argument("--steps", type=int, default=120, help="optimisation steps (the authors find ~120 best)")
+    p.add_argument("--lr", type=float, default=4e-4, help="AdamW learning rate")
+    p.add_argument("--batch", type=int, default=4, help="images per step")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=4.0, help="LoRA alpha (scale = alpha / rank)")
+    p.add_argument("--dd_weight", type=float, default=0.0, help="ACCORD DDLoss weight (0 = off)")
+    p.add_argument("--dd_space", choices=["xprev", "eps"], default="xprev", help="DDLoss in posterior-mean or eps space")
+    p.add_argument("--seed", type=int, default=42, help="seed for noise and sampling")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default=None, help="default cuda when available")
+    p.add_argument("--save_every", type=int, default=50, help="checkpoint every this many steps")
+    p.add_argument("--val_steps", type=int, default=50, help="DDIM steps of the final validation grid (0 = no grid)")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished stage 2 in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished stage 2 in --out")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.lr <= 0 or args.batch < 1 or args.rank < 1 or args.dd_weight < 0:
+        raise model.UserError("--steps, --batch and --rank must be >= 1, --lr > 0, --dd_weight >= 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = args.precision or ("bf16" if device.startswith("cuda") else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    torch.manual_seed(args.seed)
+
+    # ---------------------------------------------------------------------------------------------
+    # load
+    target, residual, meta = run.load_tokens(args.out)
+    stage1 = meta.get("settings", {})
+    checkpoint_path = run.prepare_out(args.out, "stage2", args.resume, args.overwrite)
+    sd = model.load(args.model or stage1.get("model") or model.DEFAULT_MODEL, device, dtype)
+    resolution = stage1.get("resolution") or sd.resolution
+    refs = load_images(args.images or stage1["images"], resolution, None)
+    if refs.names != meta["images"]:
+        raise model.UserError(f"the images in {args.images or stage1['images']} are not the ones stage 1 learned "
+                              f"from ({len(meta['images'])} files: {', '.join(meta['images'][:3])}, ...)")
+    n, per_image = residual.shape[:2]
+    residual_tokens = run.residual_names(n, per_image)
+    sd.tokenizer.add_tokens([run.TARGET_TOKEN] + sum(residual_tokens, []))
+    extra = torch.cat([target, residual.flatten(0, 1)]).to(device, dtype)
+    with_dd = args.dd_weight > 0
+
+    # Frozen tokens: every condition's embedding once. Table rows: pg_0..pg_{n-1}, g_0..g_{n-1}, p, "".
+    with_r = [" ".join(r) for r in residual_tokens]
+    prompts = [f"{run.TARGET_TOKEN} {r}" for r in with_r] + with_r + [run.TARGET_TOKEN, ""]
+    with torch.no_grad():
+        table = sd.text_encoder(sd.tokenizer(prompts).to(device), extra_embeddings=extra)
+        latents = torch.cat([sd.vae.encode(x[None].to(device, dtype))[0] for x in refs.images]) * sd.vae.scaling_factor
+    P, NULL = 2 * n, 2 * n + 1
+    alphas_cumprod = sd.alphas_cumprod.to(device)
+
+    params = {f"lora{k}": p for k, p in enumerate(lora.add_lora(sd.unet, args.rank, args.alpha))}
+    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=1e-2)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=precision == "fp16")
+    generator = torch.Generator().manual_seed(args.seed)
+    start = 0
+    if args.resume:
+        start, _ = run.load_checkpoint(checkpoint_path, params, optimizer, generator)
+        print(f"resuming at step {start}")
+    log = run.Log(os.path.join(args.out, "stage2_log.jsonl"), resume_step=start if args.resume else None)
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
+    settings.update(resolution=resolution, precision=precision, device=device)
+
+    # ---------------------------------------------------------------------------------------------
+    # train
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="stage 2", dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        rng_before = generator.get_state()  # a checkpoint taken inside this step must replay it
+        i = torch.randint(n, (args.batch,), generator=generator)
+        t = torch.randint(0, 1000, (args.batch,), generator=generator)
+        noise = torch.randn(args.batch, *latents.shape[1:], generator=generator).to(device, dtype)
+        x = noisy(latents[i.to(device)], t.to(device), noise, alphas_cumprod)
+        t = t.to(device)
+        i = i.to(device)
+        if with_dd:  # rows: pg and p with gradient, then g and "" without
+            eps = sd.unet(torch.cat([x, x]), torch.cat([t, t]), table, torch.cat([i, torch.full_like(i, P)]))
+            eps_pg, eps_p = eps.float().chunk(2)
+            with torch.no_grad():
+                eps_stop = sd.unet(torch.cat([x, x]), torch.cat([t, t]), table, torch.cat([n + i, torch.full_like(i, NULL)]))
+            eps_g, eps_0 = eps_stop.float().chunk(2)
+        else:
+            eps_pg = sd.unet(x, t, table, i).float()
+        terms = {"rec": accord_losses.reconstruction_loss(eps_pg, noise.float())}
+        if with_dd:
+            terms["dd"] = accord_losses.dd_loss(eps_pg, eps_p, eps_g, eps_0, t, alphas_cumprod, space=args.dd_space)
+        loss = terms["rec"] + args.dd_weight * terms.get("dd", 0.0)
+        if not torch.isfinite(loss):
+            generator.set_state(rng_before)
+            run.save_checkpoint(checkpoint_path, params, optimizer, generator, step)
+            raise model.UserError(f"the loss became {loss.item()} at step {step}; the last good state is saved, "
+                                  "try a lower --lr and --resume")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+
+        values = {name: round(value.item(), 6) for name, value in terms.items()}
+        ms = (time.perf_counter() - t0) * 1000
+        log.write({"step": step + 1, "loss": round(loss.item(), 6), **values, "ms": round(ms, 2)})
+        bar.set_postfix({**{k: f"{v:.4f}" for k, v in values.items()}, "ms/step": f"{ms:.0f}"})
+        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            run.save_checkpoint(checkpoint_path, params, optimizer, generator, step + 1)
+
+    # ---------------------------------------------------------------------------------------------
+    # save
+    lora_meta = {"rank": str(args.rank), "alpha": str(args.alpha), "settings": json.dumps(settings)}
+    lora.save_lora(sd.unet, os.path.join(args.out, "lora.peft.safetensors"), "peft", lora_meta)
+    lora.save_lora(sd.unet, os.path.join(args.out, "lora.kohya.safetensors"), "kohya", lora_meta)
+    run.save_checkpoint(checkpoint_path, params, optimizer, generator, args.steps)
+    if args.val_steps > 0:
+        images = generate(sd, VALIDATION_PROMPTS, extra, seed=args.seed, steps=args.val_steps,
+                          resolution=resolution)
+        save_png(grid(images, columns=len(VALIDATION_PROMPTS)), os.path.join(args.out, "stage2_grid.png"))
+    run.mark_done(args.out, "stage2")
+    print(f"stage 2 done: {args.out}/lora.peft.safetensors and lora.kohya.safetensors")
+
+
+if __name__ == "__main__":
+    run.report_user_errors()
+    main()
