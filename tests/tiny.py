@@ -40,7 +40,8 @@ def pipeline(folder, seed=0):
     write_vocab_files(tok_dir)
     return StableDiffusionPipeline(
         vae=randomize(AutoencoderKL(**VAE)), text_encoder=randomize(CLIPTextModel(CLIPTextConfig(**TEXT))),
-        tokenizer=CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt")),
+        tokenizer=CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"),
+                                model_max_length=77),
         unet=randomize(UNet2DConditionModel(**UNET)), scheduler=DDIMScheduler(**SD_SCHEDULER),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
