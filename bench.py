@@ -146,6 +146,8 @@ def bench_step(args, device, dtype):
 def bench_unet(args, device, dtype):
     """Our UNet forward against diffusers' with the same weights, one run."""
     from diffusers import UNet2DConditionModel
+    from diffusers.utils import logging
+    logging.set_verbosity_error()  # its note about casting with .to() is not about us
     sd15 = args.size == "sd15"
     d = UNet2DConditionModel(cross_attention_dim=768, sample_size=64) if sd15 else UNet2DConditionModel(
         sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,

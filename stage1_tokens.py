@@ -153,6 +153,9 @@ def main(argv=None):
     checkpoint_path = run.prepare_out(args.out, "stage1", args.resume, args.overwrite)
     sd = model.load(args.model, device, dtype)
     resolution = args.resolution or sd.resolution
+    multiple = 2 ** (len(sd.vae.config.ch_mult) - 1 + len(sd.unet.config.channel_mult) - 1)
+    if resolution % multiple:
+        raise model.UserError(f"--resolution {resolution} must be a multiple of {multiple} for this model")
     refs = load_images(args.images, resolution, args.captions)
     for message in refs.warnings:
         run.warn(message)
@@ -213,7 +216,9 @@ def main(argv=None):
         print(f"resuming at step {start}")
     log = run.Log(os.path.join(args.out, "stage1_log.jsonl"), resume_step=start if args.resume else None)
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "nan_at_step")}
-    settings.update(beta=beta, resolution=resolution, precision=precision, device=device)
+    settings.update(beta=beta, resolution=resolution, precision=precision, device=device,
+                    images=os.path.abspath(args.images),  # stage 2 finds them from anywhere
+                    model=os.path.abspath(args.model) if os.path.exists(args.model) else args.model)
 
     # ---------------------------------------------------------------------------------------------
     # train
