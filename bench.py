@@ -9,9 +9,10 @@ Stage-1 step (ConceptPrism + DDLoss, ten rows), done
   one_graph     all ten rows in one UNet call and one autograd graph, stop rows detached after
   ours          gradient rows in one call, stop rows in a graph-free call, the conditions a shared table
 Random weights (never zeros), burn-in then the median of timed steps (CUDA events on GPU).
-MFU counts the UNet's matmul/conv FLOPs (torch's FLOP counter) against the device's peak.
+MFU: SPEC section 5's FLOP count for SD1.5 (13 TFLOP a step at 512 px) against the device's bf16 peak.
 """
 import argparse
+import resource
 import statistics
 import time
 
@@ -120,26 +121,31 @@ def bench_step(args, device, dtype):
         vectors.grad = None
 
     measure = timer(device)
-    fwd = unet_flops(model_unet, resolution // factor, ucfg.context_dim, device, dtype)
-    fwd_bwd = unet_flops(model_unet, resolution // factor, ucfg.context_dim, device, dtype, backward=True)
-    step_flops = 10 * fwd + 5 * (fwd_bwd - fwd)  # ten forward rows, five with an input-only backward
+    if sd15:  # SPEC section 5's count at 512 px (scaled by pixels elsewhere: attention makes it approximate)
+        fwd, bwd = 0.803e12 * (resolution / 512) ** 2, 0.99e12 * (resolution / 512) ** 2
+    else:  # torch's counter (it misses the attention core on CPU, so this errs low)
+        fwd = unet_flops(model_unet, resolution // factor, ucfg.context_dim, device, dtype)
+        bwd = unet_flops(model_unet, resolution // factor, ucfg.context_dim, device, dtype, backward=True) - fwd
+    step_flops = 10 * fwd + 5 * bwd  # ten forward rows, five with an input-only backward
     peak = peak_tflops(device)
     print(f"stage-1 step, ten rows, {args.size} UNet, {resolution} px, {str(dtype).split('.')[1]}, {device} "
           f"({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), torch {torch.__version__}, "
           f"{step_flops / 1e12:.3f} TFLOP per step")
     print(f"{'way':<12}{'ms/step':>10}{'rows/s':>10}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'vs ref':>8}")
     results = {}
-    for mode in ("reference", "one_graph", "ours"):
+    for mode in args.ways.split(","):
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         ms = measure(lambda: step(mode), args.warmup, args.iters)
         results[mode] = ms
         tflops = step_flops / ms / 1e9
-        mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        # CPU: the process's peak resident memory so far (it only grows: run one way for a clean figure)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
-        print(f"{mode:<12}{ms:>10.1f}{10 / ms * 1000:>10.1f}{tflops:>10.2f}{mfu:>8}{mem:>10.2f}"
-              f"{results['reference'] / ms:>7.2f}x")
+        ratio = f"{results['reference'] / ms:>7.2f}x" if "reference" in results else "      -"
+        print(f"{mode:<12}{ms:>10.1f}{10 / ms * 1000:>10.1f}{tflops:>10.2f}{mfu:>8}{mem:>10.2f}{ratio}")
     return results
 
 
@@ -190,6 +196,7 @@ if __name__ == "__main__":
     p.add_argument("--resolution", type=int, default=None, help="image size in pixels")
     p.add_argument("--batch", type=int, default=1, help="rows per UNet call (--unet)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--ways", default="reference,one_graph,ours", help="which ways of the step to time")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     p.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
     args = p.parse_args()
