@@ -40,9 +40,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = args.precision or ("bf16" if device.startswith("cuda") else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    device, _, dtype = run.device_and_dtype(args.device, args.precision)
 
     # ---------------------------------------------------------------------------------------------
     # load

@@ -143,9 +143,7 @@ def stage1_losses(unet, conditions, empty, z_i, z_anchors, t, noise, alphas_cump
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = args.precision or ("bf16" if device.startswith("cuda") else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    device, precision, dtype = run.device_and_dtype(args.device, args.precision)
     torch.manual_seed(args.seed)
 
     # ---------------------------------------------------------------------------------------------
@@ -243,12 +241,7 @@ def main(argv=None):
             run.save_checkpoint(checkpoint_path, params, optimizer, generator, step, {"settings": json.dumps(settings)})
             raise model.UserError(f"the loss became {loss.item()} at step {step}; the last good state (before step "
                                   f"{step}) is saved, try a lower --lr and --resume")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
+        run.optimizer_step(loss, optimizer, scaler, list(params.values()))
 
         values = {name: round(value.item(), 6) for name, value in terms.items()}
         if device.startswith("cuda"):

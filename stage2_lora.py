@@ -55,9 +55,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = args.precision or ("bf16" if device.startswith("cuda") else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    device, precision, dtype = run.device_and_dtype(args.device, args.precision)
     torch.manual_seed(args.seed)
 
     # ---------------------------------------------------------------------------------------------
@@ -127,12 +125,7 @@ def main(argv=None):
             run.save_checkpoint(checkpoint_path, params, optimizer, generator, step)
             raise model.UserError(f"the loss became {loss.item()} at step {step}; the last good state is saved, "
                                   "try a lower --lr and --resume")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
+        run.optimizer_step(loss, optimizer, scaler, list(params.values()))
 
         values = {name: round(value.item(), 6) for name, value in terms.items()}
         ms = (time.perf_counter() - t0) * 1000

@@ -36,6 +36,28 @@ def report_user_errors():
     sys.excepthook = hook
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def device_and_dtype(device, precision):
+    """The --device/--precision defaults: CUDA when present, bf16 there and fp32 on the CPU."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA device")
+    precision = precision or ("bf16" if device.startswith("cuda") else "fp32")
+    return device, precision, DTYPES[precision]
+
+
+def optimizer_step(loss, optimizer, scaler, params, max_norm=1.0):
+    """Backward, unscale (a no-op unless fp16), clip the gradient norm, step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def warn(message):
     print(f"warning: {message}", file=sys.stderr)
 

@@ -20,11 +20,6 @@ def rel_err(a, b):
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return tiny.pipeline(str(tmp_path_factory.mktemp("tok")))
-
-
-@pytest.fixture(scope="module")
 def files(pipe, tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {"single": tiny.write_single_file(pipe, str(root / "tiny.safetensors")),

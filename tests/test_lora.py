@@ -172,11 +172,6 @@ def test_bad_files_are_user_errors(tmp_path):
         lora.load_lora(net, str(tmp_path / "far.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return tiny.pipeline(str(tmp_path_factory.mktemp("pipe")))
-
-
 @pytest.mark.parametrize("rank,alpha", RANK_ALPHA)
 def test_diffusers_load_lora_weights_matches(pipe, tmp_path, rank, alpha):
     cfg = U.config_from_diffusers(dict(pipe.unet.config))

@@ -59,11 +59,6 @@ def photo_folder(path, n=3, captions=True):
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return tiny.pipeline(str(tmp_path_factory.mktemp("tok")))
-
-
-@pytest.fixture(scope="module")
 def tiny_model(pipe, tmp_path_factory):
     """The tiny pipeline's weights as one of our single files (configs in its metadata)."""
     root = tmp_path_factory.mktemp("model")
