@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from model import ops
 from model.errors import UserError
+from model.unet import Upsample  # nearest x2, then a 3x3 conv: the same in both networks
 
 
 @dataclass
@@ -82,15 +83,6 @@ class Downsample(nn.Module):
     def forward(self, x):
         # Asymmetric padding (right and bottom only) is what the weights were trained with.
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):
