@@ -1,0 +1,62 @@
+"""With kernels on, the UNet forward and a stage-1 backward agree with kernels off."""
+import pytest
+import torch
+
+import stage1_tokens
+from model import ops, unet
+from model.schedule import alphas_cumprod
+from tests.kernel_check import DEVICES, assert_close_as_torch, rel_err
+
+
+def random_unet(device, dtype):
+    torch.manual_seed(0)
+    model = unet.UNet(unet.TINY)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.to(device, dtype).eval().requires_grad_(False)
+
+
+def stage1_step(model, device, dtype, kernels_on):
+    """Loss terms and the gradient on the condition vectors of one ten-row step."""
+    ops.use_kernels(kernels_on)
+    try:
+        gen = torch.Generator().manual_seed(1)
+        ctx = lambda *s: torch.randn(*s, generator=gen).to(device, dtype)
+        conditions = ctx(3, 77, unet.TINY.context_dim).requires_grad_(True)
+        z, noise = ctx(4, 4, 8, 8), ctx(4, 4, 8, 8)
+        t = torch.tensor([3, 500, 800, 999], device=device)
+        terms = stage1_tokens.stage1_losses(model, conditions, ctx(1, 77, unet.TINY.context_dim), z[:1], z[1:], t,
+                                            noise, alphas_cumprod().to(device), with_dd=True)
+        loss = terms["rec"] + 0.05 * terms["excl"] + 0.1 * terms["dd"]
+        grad, = torch.autograd.grad(loss, conditions)
+        return loss.detach(), grad
+    finally:
+        ops.use_kernels(None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unet_forward_with_kernels(device, dtype):
+    model = random_unet(device, dtype)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 8, 8, generator=gen).to(device, dtype)
+    c = torch.randn(2, 77, unet.TINY.context_dim, generator=gen).to(device, dtype)
+    t = torch.tensor([10, 900], device=device)
+    outs = {}
+    for flag in (True, False):
+        ops.use_kernels(flag)
+        outs[flag] = model(x, t, c)
+    ops.use_kernels(None)
+    ref = random_unet(device, torch.float64)(x.double(), t, c.double())
+    assert_close_as_torch(outs[True], outs[False], ref, dtype, "unet")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stage1_backward_with_kernels(device):
+    model = random_unet(device, torch.float32)
+    loss_on, grad_on = stage1_step(model, device, torch.float32, True)
+    loss_off, grad_off = stage1_step(model, device, torch.float32, False)
+    assert rel_err(loss_on, loss_off.double()) <= 1e-5
+    assert rel_err(grad_on, grad_off.double()) <= 1e-5
