@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 
 _enabled = None  # None: decide per call (CUDA tensor and Triton importable)
+# The attention kernel keeps a query tile's whole head in registers: SD's UNet heads (40-160) fit,
+# the VAE's single 512-wide head does not, and runs once per image anyway.
+MAX_KERNEL_HEAD_DIM = 256
 
 
 def use_kernels(flag):
@@ -34,7 +37,7 @@ def attention(q, k, v, kv_index=None):
     """softmax(q k^T / sqrt(D)) v over [B, H, L, D] tensors. With kv_index (int64 [B]), k and v
     are a table [C, H, S, D] of distinct conditions and row b attends to k[kv_index[b]]."""
     kern = _kernels_for(q)
-    if kern is not None:
+    if kern is not None and q.shape[-1] <= MAX_KERNEL_HEAD_DIM:
         return kern.attention(q, k, v, kv_index=kv_index)
     if kv_index is not None:
         k, v = k[kv_index], v[kv_index]
