@@ -1,23 +1,33 @@
 """Fused attention, forward and backward, for Stable Diffusion's shapes.
 
-    O = softmax(Q K^T * scale) V         Q [B, H, L, D], K and V [C, H, S, D], scale = D^-1/2
+    O = softmax(Q K^T * scale) V         Q [B, H, L, D], K and V [B or C, H, S, D], scale = D^-1/2
 
 Flash-attention style: K/V stream through on-chip tiles with an online softmax, the [L, S] score
 matrix never reaches memory, and the forward keeps only the log-sum-exp per query row. The
-backward recomputes the probabilities P from it (FA2): one kernel per K/V tile for dK, dV, one
-per query tile for dQ, with delta = rowsum(dO * O) precomputed.
+backward recomputes the probabilities P from it, with delta = rowsum(dO * O):
 
     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = dS K * scale,   dK = dS^T Q * scale
 
 What is particular to SD:
-  - Head dims 40, 80, 160 are not powers of two. Flash backends pad them to 64, 96/128, 192/256;
-    here D is split into a power-of-two chunk plus a small one (40 = 32 + 16, 80 = 64 + 16,
-    160 = 128 + 32, 64 = 64), each a tl.dot, so 40 costs 48 columns of work instead of 64.
-  - Cross-attention has 77 keys: the K/V tile covers all of them (one pass, no online-softmax
-    rescaling), and the grid is parallel over queries.
+  - Head dims 40, 80, 160 are not powers of two, and tl.dot tiles must be. Flash backends pad them
+    to 64, 96/128, 192/256; here D is split into a power-of-two chunk plus a small one (40 = 32 + 16
+    with 8 of the 16 masked, 80 = 64 + 16, 160 = 128 + 32, 64 = 64), each chunk its own tl.dot,
+    so D = 40 costs 48 columns of work instead of 64.
+  - Cross-attention has 77 keys: one K/V tile (BLOCK_N = 128) holds them all, so the forward has
+    no online-softmax rescaling and the grid is parallel over queries. Its backward is one kernel,
+    parallel over chunks of queries: with every key in the tile, dQ is finished in one pass, and
+    each chunk writes its dK, dV partial sums once (no atomics, deterministic); torch adds them.
+    Any S <= 128 (the 8x8 self-attention too) takes this path.
+  - Longer self-attention (S > 128) uses the FA2 backward: one kernel per query tile for dQ (which
+    also writes delta), one per key tile for dK, dV.
   - Condition-indexed K/V (`kv_index`): K and V hold C distinct conditions and query row b reads
-    condition kv_index[b], so rows that share a condition share its K/V (the stage-1 step has ten
-    rows and four conditions). dK and dV are computed per row and summed per condition.
+    condition kv_index[b] through the index, with no gathered copy. dK, dV are computed per row
+    and summed per condition (index_add), so rows sharing a condition never race.
+  - Any strides with a unit last dim: the model's q, k, v are [B, L, H, D] projections viewed as
+    [B, H, L, D], and reading them in place saves a copy of each (the output takes q's layout, so
+    the model's transpose back is a view).
+Head dims above 256 (the VAE's single 512-wide head) would not fit a tile in registers; they go
+to torch's SDPA. kv_index values must lie in [0, C) (unchecked, like an index on the GPU).
 """
 import os
 
@@ -28,253 +38,424 @@ import triton.language as tl
 
 from kernels.rounding import to_dtype
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the tests without a GPU
+RNE = tl.constexpr(INTERPRET)  # the interpreter truncates to bf16; round like the GPU does (rounding.py)
 LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
 
 
 def _split(d):
-    """Head dim -> (power-of-two chunk, second chunk width >= 16 or 0)."""
-    d0 = 1 << (d.bit_length() - 1)
-    rest = d - d0
-    return d0, (max(16, triton.next_power_of_2(rest)) if rest else 0)
+    """Head dim -> widths of two power-of-two column chunks covering it (the second 0 or >= 16)."""
+    c0 = max(16, 1 << (d.bit_length() - 1))
+    rest = d - min(d, c0)
+    return c0, (max(16, triton.next_power_of_2(rest)) if rest else 0)
+
+
+# -------------------------------------------------------------------------------------------------
+# kernels
 
 
 @triton.jit
-def _load_rows(ptr, rows, n_rows, col0, width, D_CHUNK: tl.constexpr, D: tl.constexpr):
-    """A [len(rows), D_CHUNK] tile of a row-major [n_rows, D] matrix, columns col0.., masked."""
-    cols = col0 + tl.arange(0, D_CHUNK)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < col0 + width)
-    return tl.load(ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0)
+def _cast(x, dtype: tl.constexpr):
+    if RNE:
+        x = to_dtype(x, dtype)
+    else:
+        x = x.to(dtype)
+    return x
 
 
 @triton.jit
-def _store_rows(ptr, value, rows, n_rows, col0, width, D_CHUNK: tl.constexpr, D: tl.constexpr):
-    cols = col0 + tl.arange(0, D_CHUNK)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < col0 + width)
-    tl.store(ptr + rows[:, None] * D + cols[None, :], to_dtype(value, ptr.dtype.element_ty), mask=mask)
+def _aligned(stride, ALIGN: tl.constexpr):
+    """stride, with the compiler told it is a multiple of ALIGN (the launcher checked), so that rows
+    load as vectors even when the stride is D = 40 rather than a multiple of 16."""
+    return (stride // ALIGN) * ALIGN
+
+
+@triton.jit
+def _bases(idx_ptr, bh, H, sq_b, sq_h, sk_b, sk_h, HAS_INDEX: tl.constexpr):
+    """Offsets of query row b's Q matrix and of the K/V matrix it reads (its own, or its condition's)."""
+    b, h = bh // H, bh % H
+    kv_b = b
+    if HAS_INDEX:
+        kv_b = tl.load(idx_ptr + b)
+    return b.to(tl.int64) * sq_b + h * sq_h, kv_b.to(tl.int64) * sk_b + h * sk_h
+
+
+@triton.jit
+def _load(ptr, rows, n_rows, row_stride, COL0: tl.constexpr, WIDTH: tl.constexpr, D: tl.constexpr):
+    """Tile [rows, COL0 : COL0 + WIDTH] of a matrix with D columns; zeros past its edges."""
+    cols = COL0 + tl.arange(0, WIDTH)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < D)
+    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store(ptr, x, rows, n_rows, row_stride, COL0: tl.constexpr, WIDTH: tl.constexpr, D: tl.constexpr):
+    cols = COL0 + tl.arange(0, WIDTH)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < D)
+    tl.store(ptr + rows[:, None] * row_stride + cols[None, :], _cast(x, ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b with fp32 accumulation. UPCAST (set only under Triton's CPU interpreter, whose bf16
-    tl.dot is wrong) widens bf16 operands to fp32 first: the same numbers, since products of bf16
-    values are exact in fp32 and tensor cores accumulate in fp32 too."""
+    """a @ b accumulated in fp32. UPCAST (only under the interpreter, whose bf16 tl.dot is wrong)
+    widens bf16 operands first: the same numbers, as bf16 products are exact in fp32."""
     if UPCAST:
         a, b = a.to(tl.float32), b.to(tl.float32)
     return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
-def _kv_base(idx_ptr, b, H, h, S, D: tl.constexpr, HAS_INDEX: tl.constexpr):
-    """Offset of the K/V matrix query row b reads: its own, or its condition's."""
-    kv_b = b
-    if HAS_INDEX:
-        kv_b = tl.load(idx_ptr + b)
-    return (kv_b.to(tl.int64) * H + h) * S * D
-
-
-@triton.jit
-def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, idx_ptr, H, L, S, qk_scale,
-              D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_INDEX: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _attn_fwd(Q, K, V, O, LSE, IDX, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, H, L, S, qk_scale,
+              D: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, ALIGN: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr, HAS_INDEX: tl.constexpr,
+              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    q_base = bh.to(tl.int64) * L * D
-    kv_base = _kv_base(idx_ptr, b, H, h, S, D, HAS_INDEX)
+    sq_l, sk_l = _aligned(sq_l, ALIGN), _aligned(sk_l, ALIGN)
+    q_at, kv_at = _bases(IDX, bh, H, _aligned(sq_b, ALIGN), _aligned(sq_h, ALIGN),
+                         _aligned(sk_b, ALIGN), _aligned(sk_h, ALIGN), HAS_INDEX)
+    Q, O, K, V = Q + q_at, O + q_at, K + kv_at, V + kv_at
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q0 = _load_rows(q_ptr + q_base, rows, L, 0, D0, D0, D)
-    if D1 > 0:
-        q1 = _load_rows(q_ptr + q_base, rows, L, D0, D - D0, D1, D)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
-    acc1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32)
-    for start in range(0, S, BLOCK_N):
+    q0 = _load(Q, rows, L, sq_l, 0, C0, D)
+    acc0 = tl.zeros([BLOCK_M, C0], tl.float32)
+    if C1 > 0:
+        q1 = _load(Q, rows, L, sq_l, C0, C1, D)
+        acc1 = tl.zeros([BLOCK_M, C1], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
+    for start in range(0, S, BLOCK_N):  # one iteration when ONE_TILE
         keys = start + tl.arange(0, BLOCK_N)
-        k0 = _load_rows(k_ptr + kv_base, keys, S, 0, D0, D0, D)
-        s = _dot(q0, tl.trans(k0), PRECISION, UPCAST)
-        if D1 > 0:
-            k1 = _load_rows(k_ptr + kv_base, keys, S, D0, D - D0, D1, D)
-            s += _dot(q1, tl.trans(k1), PRECISION, UPCAST)
-        s = tl.where(keys[None, :] < S, s * qk_scale, float("-inf"))  # log2 units
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v0 = _load_rows(v_ptr + kv_base, keys, S, 0, D0, D0, D)
-        acc0 = acc0 * alpha[:, None] + _dot(p.to(v0.dtype), v0, PRECISION, UPCAST)
-        if D1 > 0:
-            v1 = _load_rows(v_ptr + kv_base, keys, S, D0, D - D0, D1, D)
-            acc1 = acc1 * alpha[:, None] + _dot(p.to(v1.dtype), v1, PRECISION, UPCAST)
-        m_i = m_new
-    _store_rows(o_ptr + q_base, acc0 / l_i[:, None], rows, L, 0, D0, D0, D)
-    if D1 > 0:
-        _store_rows(o_ptr + q_base, acc1 / l_i[:, None], rows, L, D0, D - D0, D1, D)
-    tl.store(lse_ptr + bh.to(tl.int64) * L + rows, m_i + tl.log2(l_i), mask=rows < L)
+        s = _dot(q0, tl.trans(_load(K, keys, S, sk_l, 0, C0, D)), PRECISION, UPCAST)
+        if C1 > 0:
+            s += _dot(q1, tl.trans(_load(K, keys, S, sk_l, C0, C1, D)), PRECISION, UPCAST)
+        s = tl.where(keys[None, :] < S, s * qk_scale, float("-inf"))
+        if ONE_TILE:  # all keys at once: a plain softmax
+            m_i = tl.max(s, axis=1)
+            p = tl.exp2(s - m_i[:, None])
+            l_i = tl.sum(p, axis=1)
+        else:  # rescale what earlier tiles accumulated to the new running max
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+            acc0 *= alpha[:, None]
+            if C1 > 0:
+                acc1 *= alpha[:, None]
+        v0 = _load(V, keys, S, sk_l, 0, C0, D)
+        acc0 += _dot(p.to(v0.dtype), v0, PRECISION, UPCAST)
+        if C1 > 0:
+            acc1 += _dot(p.to(v0.dtype), _load(V, keys, S, sk_l, C0, C1, D), PRECISION, UPCAST)
+    _store(O, acc0 / l_i[:, None], rows, L, sq_l, 0, C0, D)
+    if C1 > 0:
+        _store(O, acc1 / l_i[:, None], rows, L, sq_l, C0, C1, D)
+    tl.store(LSE + bh.to(tl.int64) * L + rows, m_i + tl.log2(l_i), mask=rows < L)
 
 
 @triton.jit
-def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, idx_ptr, H, L, S, qk_scale,
-                   sm_scale, D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, HAS_INDEX: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """dK, dV of one key tile for one query row b (per-row; summed per condition afterwards)."""
-    pid_n, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    q_base = bh.to(tl.int64) * L * D
-    kv_base = _kv_base(idx_ptr, b, H, h, S, D, HAS_INDEX)
-    out_base = bh.to(tl.int64) * S * D
-    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = _load_rows(k_ptr + kv_base, keys, S, 0, D0, D0, D)
-    v0 = _load_rows(v_ptr + kv_base, keys, S, 0, D0, D0, D)
-    dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
-    dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
-    if D1 > 0:
-        k1 = _load_rows(k_ptr + kv_base, keys, S, D0, D - D0, D1, D)
-        v1 = _load_rows(v_ptr + kv_base, keys, S, D0, D - D0, D1, D)
-    dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], tl.float32)
-    dv1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], tl.float32)
-    for start in range(0, L, BLOCK_M):
+def _attn_bwd_one_tile(Q, K, V, O, DO, DQ, DK, DV, LSE, IDX, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l,
+                       sd_b, sd_h, sd_l, H, L, S, CHUNK_ROWS, qk_scale, sm_scale,
+                       D: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, ALIGN: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INDEX: tl.constexpr,
+                       PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """S <= BLOCK_N: dQ for one chunk of queries, and that chunk's share of dK, dV for its row."""
+    chunk, bh = tl.program_id(0), tl.program_id(1)
+    sq_l, sk_l, sd_l = _aligned(sq_l, ALIGN), _aligned(sk_l, ALIGN), _aligned(sd_l, ALIGN)
+    q_at, kv_at = _bases(IDX, bh, H, _aligned(sq_b, ALIGN), _aligned(sq_h, ALIGN),
+                         _aligned(sk_b, ALIGN), _aligned(sk_h, ALIGN), HAS_INDEX)
+    Q, O, DO, DQ, K, V = Q + q_at, O + q_at, DO + q_at, DQ + q_at, K + kv_at, V + kv_at
+    # partial sums are laid out [B * chunks, H, S, D]
+    d_at = ((bh // H) * tl.num_programs(0) + chunk).to(tl.int64) * _aligned(sd_b, ALIGN) \
+        + (bh % H) * _aligned(sd_h, ALIGN)
+    DK, DV = DK + d_at, DV + d_at
+    keys = tl.arange(0, BLOCK_N)
+    k0, v0 = _load(K, keys, S, sk_l, 0, C0, D), _load(V, keys, S, sk_l, 0, C0, D)
+    dk0 = tl.zeros([BLOCK_N, C0], tl.float32)
+    dv0 = tl.zeros([BLOCK_N, C0], tl.float32)
+    if C1 > 0:
+        k1, v1 = _load(K, keys, S, sk_l, C0, C1, D), _load(V, keys, S, sk_l, C0, C1, D)
+        dk1 = tl.zeros([BLOCK_N, C1], tl.float32)
+        dv1 = tl.zeros([BLOCK_N, C1], tl.float32)
+    first = chunk * CHUNK_ROWS
+    for start in range(first, tl.minimum(first + CHUNK_ROWS, L), BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q0 = _load_rows(q_ptr + q_base, rows, L, 0, D0, D0, D)
-        do0 = _load_rows(do_ptr + q_base, rows, L, 0, D0, D0, D)
+        q0, do0 = _load(Q, rows, L, sq_l, 0, C0, D), _load(DO, rows, L, sq_l, 0, C0, D)
+        delta = tl.sum(do0.to(tl.float32) * _load(O, rows, L, sq_l, 0, C0, D).to(tl.float32), axis=1)
         s = _dot(q0, tl.trans(k0), PRECISION, UPCAST)
-        if D1 > 0:
-            q1 = _load_rows(q_ptr + q_base, rows, L, D0, D - D0, D1, D)
-            do1 = _load_rows(do_ptr + q_base, rows, L, D0, D - D0, D1, D)
-            s += _dot(q1, tl.trans(k1), PRECISION, UPCAST)
-        lse = tl.load(lse_ptr + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
-        valid = (rows[:, None] < L) & (keys[None, :] < S)
-        p = tl.where(valid, tl.exp2(s * qk_scale - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
-        delta = tl.load(delta_ptr + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
         dp = _dot(do0, tl.trans(v0), PRECISION, UPCAST)
-        dv0 += _dot(tl.trans(p.to(do0.dtype)), do0, PRECISION, UPCAST)
-        if D1 > 0:
+        if C1 > 0:
+            q1, do1 = _load(Q, rows, L, sq_l, C0, C1, D), _load(DO, rows, L, sq_l, C0, C1, D)
+            delta += tl.sum(do1.to(tl.float32) * _load(O, rows, L, sq_l, C0, C1, D).to(tl.float32), axis=1)
+            s += _dot(q1, tl.trans(k1), PRECISION, UPCAST)
             dp += _dot(do1, tl.trans(v1), PRECISION, UPCAST)
-            dv1 += _dot(tl.trans(p.to(do1.dtype)), do1, PRECISION, UPCAST)
+        lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
+        valid = (rows[:, None] < L) & (keys[None, :] < S)
+        p = tl.where(valid, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
         ds = (p * (dp - delta[:, None])).to(q0.dtype)
+        pt = tl.trans(p.to(do0.dtype))
+        dv0 += _dot(pt, do0, PRECISION, UPCAST)
         dk0 += _dot(tl.trans(ds), q0, PRECISION, UPCAST)
-        if D1 > 0:
+        _store(DQ, _dot(ds, k0, PRECISION, UPCAST) * sm_scale, rows, L, sq_l, 0, C0, D)
+        if C1 > 0:
+            dv1 += _dot(pt, do1, PRECISION, UPCAST)
             dk1 += _dot(tl.trans(ds), q1, PRECISION, UPCAST)
-    _store_rows(dk_ptr + out_base, dk0 * sm_scale, keys, S, 0, D0, D0, D)
-    _store_rows(dv_ptr + out_base, dv0, keys, S, 0, D0, D0, D)
-    if D1 > 0:
-        _store_rows(dk_ptr + out_base, dk1 * sm_scale, keys, S, D0, D - D0, D1, D)
-        _store_rows(dv_ptr + out_base, dv1, keys, S, D0, D - D0, D1, D)
+            _store(DQ, _dot(ds, k1, PRECISION, UPCAST) * sm_scale, rows, L, sq_l, C0, C1, D)
+    _store(DK, dk0 * sm_scale, keys, S, sd_l, 0, C0, D)
+    _store(DV, dv0, keys, S, sd_l, 0, C0, D)
+    if C1 > 0:
+        _store(DK, dk1 * sm_scale, keys, S, sd_l, C0, C1, D)
+        _store(DV, dv1, keys, S, sd_l, C0, C1, D)
 
 
 @triton.jit
-def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, idx_ptr, H, L, S, qk_scale, sm_scale,
-                 D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_INDEX: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, IDX, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, H, L, S,
+                 qk_scale, sm_scale, D: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, ALIGN: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INDEX: tl.constexpr,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dQ for one query tile, looping over key tiles; also writes delta for the dK, dV kernel."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    q_base = bh.to(tl.int64) * L * D
-    kv_base = _kv_base(idx_ptr, b, H, h, S, D, HAS_INDEX)
+    sq_l, sk_l = _aligned(sq_l, ALIGN), _aligned(sk_l, ALIGN)
+    q_at, kv_at = _bases(IDX, bh, H, _aligned(sq_b, ALIGN), _aligned(sq_h, ALIGN),
+                         _aligned(sk_b, ALIGN), _aligned(sk_h, ALIGN), HAS_INDEX)
+    Q, O, DO, DQ, K, V = Q + q_at, O + q_at, DO + q_at, DQ + q_at, K + kv_at, V + kv_at
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q0 = _load_rows(q_ptr + q_base, rows, L, 0, D0, D0, D)
-    do0 = _load_rows(do_ptr + q_base, rows, L, 0, D0, D0, D)
-    if D1 > 0:
-        q1 = _load_rows(q_ptr + q_base, rows, L, D0, D - D0, D1, D)
-        do1 = _load_rows(do_ptr + q_base, rows, L, D0, D - D0, D1, D)
-    lse = tl.load(lse_ptr + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
-    delta = tl.load(delta_ptr + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
-    dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
-    dq1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32)
+    q0, do0 = _load(Q, rows, L, sq_l, 0, C0, D), _load(DO, rows, L, sq_l, 0, C0, D)
+    delta = tl.sum(do0.to(tl.float32) * _load(O, rows, L, sq_l, 0, C0, D).to(tl.float32), axis=1)
+    dq0 = tl.zeros([BLOCK_M, C0], tl.float32)
+    if C1 > 0:
+        q1, do1 = _load(Q, rows, L, sq_l, C0, C1, D), _load(DO, rows, L, sq_l, C0, C1, D)
+        delta += tl.sum(do1.to(tl.float32) * _load(O, rows, L, sq_l, C0, C1, D).to(tl.float32), axis=1)
+        dq1 = tl.zeros([BLOCK_M, C1], tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * L + rows, delta, mask=rows < L)
+    lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
     for start in range(0, S, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        k0 = _load_rows(k_ptr + kv_base, keys, S, 0, D0, D0, D)
-        v0 = _load_rows(v_ptr + kv_base, keys, S, 0, D0, D0, D)
+        k0 = _load(K, keys, S, sk_l, 0, C0, D)
         s = _dot(q0, tl.trans(k0), PRECISION, UPCAST)
-        dp = _dot(do0, tl.trans(v0), PRECISION, UPCAST)
-        if D1 > 0:
-            k1 = _load_rows(k_ptr + kv_base, keys, S, D0, D - D0, D1, D)
-            v1 = _load_rows(v_ptr + kv_base, keys, S, D0, D - D0, D1, D)
+        dp = _dot(do0, tl.trans(_load(V, keys, S, sk_l, 0, C0, D)), PRECISION, UPCAST)
+        if C1 > 0:
+            k1 = _load(K, keys, S, sk_l, C0, C1, D)
             s += _dot(q1, tl.trans(k1), PRECISION, UPCAST)
-            dp += _dot(do1, tl.trans(v1), PRECISION, UPCAST)
+            dp += _dot(do1, tl.trans(_load(V, keys, S, sk_l, C0, C1, D)), PRECISION, UPCAST)
         p = tl.where(keys[None, :] < S, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
         ds = (p * (dp - delta[:, None])).to(k0.dtype)
         dq0 += _dot(ds, k0, PRECISION, UPCAST)
-        if D1 > 0:
+        if C1 > 0:
             dq1 += _dot(ds, k1, PRECISION, UPCAST)
-    _store_rows(dq_ptr + q_base, dq0 * sm_scale, rows, L, 0, D0, D0, D)
-    if D1 > 0:
-        _store_rows(dq_ptr + q_base, dq1 * sm_scale, rows, L, D0, D - D0, D1, D)
+    _store(DQ, dq0 * sm_scale, rows, L, sq_l, 0, C0, D)
+    if C1 > 0:
+        _store(DQ, dq1 * sm_scale, rows, L, sq_l, C0, C1, D)
 
 
-def _upcast(dtype):
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l,
+                   sd_b, sd_h, sd_l, H, L, S, qk_scale, sm_scale,
+                   D: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, ALIGN: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INDEX: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """dK, dV for one key tile as seen by query row b, looping over query tiles."""
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    sq_l, sk_l, sd_l = _aligned(sq_l, ALIGN), _aligned(sk_l, ALIGN), _aligned(sd_l, ALIGN)
+    q_at, kv_at = _bases(IDX, bh, H, _aligned(sq_b, ALIGN), _aligned(sq_h, ALIGN),
+                         _aligned(sk_b, ALIGN), _aligned(sk_h, ALIGN), HAS_INDEX)
+    d_at = (bh // H).to(tl.int64) * _aligned(sd_b, ALIGN) + (bh % H) * _aligned(sd_h, ALIGN)
+    Q, DO, K, V, DK, DV = Q + q_at, DO + q_at, K + kv_at, V + kv_at, DK + d_at, DV + d_at
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0, v0 = _load(K, keys, S, sk_l, 0, C0, D), _load(V, keys, S, sk_l, 0, C0, D)
+    dk0 = tl.zeros([BLOCK_N, C0], tl.float32)
+    dv0 = tl.zeros([BLOCK_N, C0], tl.float32)
+    if C1 > 0:
+        k1, v1 = _load(K, keys, S, sk_l, C0, C1, D), _load(V, keys, S, sk_l, C0, C1, D)
+        dk1 = tl.zeros([BLOCK_N, C1], tl.float32)
+        dv1 = tl.zeros([BLOCK_N, C1], tl.float32)
+    for start in range(0, L, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        q0, do0 = _load(Q, rows, L, sq_l, 0, C0, D), _load(DO, rows, L, sq_l, 0, C0, D)
+        s = _dot(q0, tl.trans(k0), PRECISION, UPCAST)
+        dp = _dot(do0, tl.trans(v0), PRECISION, UPCAST)
+        if C1 > 0:
+            q1, do1 = _load(Q, rows, L, sq_l, C0, C1, D), _load(DO, rows, L, sq_l, C0, C1, D)
+            s += _dot(q1, tl.trans(k1), PRECISION, UPCAST)
+            dp += _dot(do1, tl.trans(v1), PRECISION, UPCAST)
+        lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
+        valid = (rows[:, None] < L) & (keys[None, :] < S)
+        p = tl.where(valid, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        ds = tl.trans((p * (dp - delta[:, None])).to(q0.dtype))
+        pt = tl.trans(p.to(do0.dtype))
+        dv0 += _dot(pt, do0, PRECISION, UPCAST)
+        dk0 += _dot(ds, q0, PRECISION, UPCAST)
+        if C1 > 0:
+            dv1 += _dot(pt, do1, PRECISION, UPCAST)
+            dk1 += _dot(ds, q1, PRECISION, UPCAST)
+    _store(DK, dk0 * sm_scale, keys, S, sd_l, 0, C0, D)
+    _store(DV, dv0, keys, S, sd_l, 0, C0, D)
+    if C1 > 0:
+        _store(DK, dk1 * sm_scale, keys, S, sd_l, C0, C1, D)
+        _store(DV, dv1, keys, S, sd_l, C0, C1, D)
 
 
-def _blocks(L, S):
-    """Query and key tile sizes: all keys in one tile when they fit in 128 (cross-attention)."""
-    block_n = max(16, triton.next_power_of_2(S)) if S <= 128 else 64
-    block_m = 64 if L >= 64 else max(16, triton.next_power_of_2(L))
-    return block_m, block_n
+# Tile sizes and warps are measured per shape on the GPU (the first call of each shape tries them);
+# the interpreter gets one config. No kernel accumulates into its outputs, so re-running is safe.
+def _configs(tiles, warps=(4, 8), stages=(2, 3)):
+    if INTERPRET:
+        tiles, warps, stages = tiles[:1], warps[:1], stages[:1]
+    return [triton.Config(dict(tile), num_warps=w, num_stages=s) for tile in tiles for w in warps for s in stages]
+
+
+KEY = ["L", "S", "D", "HAS_INDEX"]
+_fwd = triton.autotune(_configs([{"BLOCK_M": 64, "BLOCK_N": 64}, {"BLOCK_M": 128, "BLOCK_N": 64},
+                                 {"BLOCK_M": 128, "BLOCK_N": 128}]), key=KEY)(_attn_fwd)
+# one K/V tile: nothing to pipeline, and more stages would only multiply its shared memory
+_fwd_one_tile = triton.autotune(_configs([{"BLOCK_M": 64}, {"BLOCK_M": 128}], stages=(1,)), key=KEY)(_attn_fwd)
+_bwd_one_tile = triton.autotune(_configs([{"BLOCK_M": 64}, {"BLOCK_M": 32}, {"BLOCK_M": 128}], stages=(1, 2)),
+                                key=KEY)(_attn_bwd_one_tile)
+_SPLIT_TILES = [{"BLOCK_M": 64, "BLOCK_N": 64}, {"BLOCK_M": 128, "BLOCK_N": 32}, {"BLOCK_M": 128, "BLOCK_N": 64}]
+_bwd_dq = triton.autotune(_configs(_SPLIT_TILES), key=KEY)(_attn_bwd_dq)
+_bwd_dkdv = triton.autotune(_configs([{"BLOCK_N": t["BLOCK_M"], "BLOCK_M": t["BLOCK_N"]} for t in _SPLIT_TILES]),
+                            key=KEY)(_attn_bwd_dkdv)
+
+
+# -------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _alignment(*strides):
+    """Largest power of two up to 16 dividing every stride."""
+    align = 16
+    while any(s % align for s in strides):
+        align //= 2
+    return align
+
+
+def _sm_count(device):
+    if device.type != "cuda":
+        return 4  # the interpreter: a small number, so the tests see several query chunks
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _query_chunks(programs_per_chunk, L, device):
+    """Chunks of queries for the one-tile backward: enough programs for ~4 per SM, each chunk a
+    multiple of 128 rows (every BLOCK_M tried divides it). More chunks = more partial sums."""
+    wanted = triton.cdiv(4 * _sm_count(device), programs_per_chunk)
+    n = max(1, min(triton.cdiv(L, 128), wanted))
+    rows = triton.cdiv(triton.cdiv(L, n), 128) * 128
+    return triton.cdiv(L, rows), rows
+
+
+def _meta(q, kv_index):
+    c0, c1 = _split(q.shape[-1])
+    return dict(D=q.shape[-1], C0=c0, C1=c1, HAS_INDEX=kv_index is not None,
+                PRECISION="ieee" if q.dtype == torch.float32 else None,  # fp32 stays fp32, no tf32
+                UPCAST=INTERPRET and q.dtype == torch.bfloat16)
+
+
+def _key_tile(S):
+    """The one tile that holds every key when they fit in 128 (cross-attention's 77), else None."""
+    return max(16, triton.next_power_of_2(S)) if S <= 128 else None
 
 
 class Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, kv_index):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        B, H, L, D = q.shape
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        o = torch.empty_like(q)  # q's layout when q is dense, which the kernels assume for o, dO, dQ
+        if o.stride() != q.stride():
+            q = q.contiguous()
+            o = torch.empty_like(q)
+        if k.stride() != v.stride():
+            k, v = k.contiguous(), v.contiguous()
+        B, H, L, _ = q.shape
         S = k.shape[2]
-        d0, d1 = _split(D)
-        block_m, block_n = _blocks(L, S)
-        o = torch.empty_like(q)
         lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
-        index = kv_index if kv_index is not None else q.new_zeros(1, dtype=torch.int64)
-        precision = "ieee" if q.dtype == torch.float32 else None  # fp32 stays fp32 (no tf32)
-        _attn_fwd[(triton.cdiv(L, block_m), B * H)](
-            q, k, v, o, lse, index, H, L, S, scale * LOG2E, D=D, D0=d0, D1=d1, BLOCK_M=block_m, BLOCK_N=block_n,
-            HAS_INDEX=kv_index is not None, PRECISION=precision, UPCAST=_upcast(q.dtype))
-        ctx.save_for_backward(q, k, v, o, lse, index)
-        ctx.scale, ctx.has_index, ctx.precision = scale, kv_index is not None, precision
+        index = kv_index if kv_index is not None else lse  # unread without HAS_INDEX
+        args = (q, k, v, o, lse, index, *q.stride()[:3], *k.stride()[:3], H, L, S, scale * LOG2E)
+        meta = dict(_meta(q, kv_index), ALIGN=_alignment(*q.stride()[:3], *k.stride()[:3]))
+        grid = lambda c: (triton.cdiv(L, c["BLOCK_M"]), B * H)
+        key_tile = _key_tile(S)
+        if key_tile:
+            _fwd_one_tile[grid](*args, BLOCK_N=key_tile, ONE_TILE=True, **meta)
+        else:
+            _fwd[grid](*args, ONE_TILE=False, **meta)
+        ctx.save_for_backward(q, k, v, o, lse, kv_index)
+        ctx.scale = scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, index = ctx.saved_tensors
-        do = do.contiguous()
+        q, k, v, o, lse, kv_index = ctx.saved_tensors
+        if do.stride() != q.stride():
+            do = torch.empty_like(q).copy_(do)
         B, H, L, D = q.shape
         S = k.shape[2]
-        d0, d1 = _split(D)
-        block_m, block_n = _blocks(L, S)
-        delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O) = sum_j P_ij dP_ij
-        meta = dict(D=D, D0=d0, D1=d1, BLOCK_M=block_m, BLOCK_N=block_n, HAS_INDEX=ctx.has_index,
-                    PRECISION=ctx.precision, UPCAST=_upcast(q.dtype))
+        meta = _meta(q, kv_index)
+        index = kv_index if kv_index is not None else lse
         dq = torch.empty_like(q)
-        # dK, dV per query row first (rows sharing a condition would race), then summed per condition
-        dk_rows = torch.empty(B, H, S, D, device=q.device, dtype=q.dtype if not ctx.has_index else torch.float32)
-        dv_rows = torch.empty_like(dk_rows)
-        _attn_bwd_dkdv[(triton.cdiv(S, block_n), B * H)](
-            q, k, v, do, lse, delta, dk_rows, dv_rows, index, H, L, S, ctx.scale * LOG2E, ctx.scale, **meta)
-        _attn_bwd_dq[(triton.cdiv(L, block_m), B * H)](
-            q, k, v, do, lse, delta, dq, index, H, L, S, ctx.scale * LOG2E, ctx.scale, **meta)
-        if ctx.has_index:
-            dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32).index_add_(0, index, dk_rows).to(k.dtype)
-            dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32).index_add_(0, index, dv_rows).to(v.dtype)
+        scales = (ctx.scale * LOG2E, ctx.scale)
+        key_tile = _key_tile(S)
+        if key_tile:
+            n_chunks, chunk_rows = _query_chunks(B * H, L, q.device)
+            dk_parts = torch.empty(B * n_chunks, H, S, D, device=q.device, dtype=torch.float32)
+            dv_parts = torch.empty_like(dk_parts)
+            align = _alignment(*q.stride()[:3], *k.stride()[:3], *dk_parts.stride()[:3])
+            _bwd_one_tile[(n_chunks, B * H)](
+                q, k, v, o, do, dq, dk_parts, dv_parts, lse, index, *q.stride()[:3], *k.stride()[:3],
+                *dk_parts.stride()[:3], H, L, S, chunk_rows, *scales, ALIGN=align, BLOCK_N=key_tile, **meta)
+            dk_rows = dk_parts.view(B, n_chunks, H, S, D).sum(1)
+            dv_rows = dv_parts.view(B, n_chunks, H, S, D).sum(1)
+        else:
+            # per-row dK, dV in fp32 when rows share conditions (summed below), else straight into k's dtype
+            dk_rows = torch.empty(B, H, S, D, device=q.device,
+                                  dtype=torch.float32 if kv_index is not None else k.dtype)
+            dv_rows = torch.empty_like(dk_rows)
+            delta = torch.empty_like(lse)
+            align = _alignment(*q.stride()[:3], *k.stride()[:3], *dk_rows.stride()[:3])
+            _bwd_dq[lambda c: (triton.cdiv(L, c["BLOCK_M"]), B * H)](
+                q, k, v, o, do, dq, lse, delta, index, *q.stride()[:3], *k.stride()[:3], H, L, S, *scales,
+                ALIGN=align, **meta)
+            _bwd_dkdv[lambda c: (triton.cdiv(S, c["BLOCK_N"]), B * H)](
+                q, k, v, do, dk_rows, dv_rows, lse, delta, index, *q.stride()[:3], *k.stride()[:3],
+                *dk_rows.stride()[:3], H, L, S, *scales, ALIGN=align, **meta)
+        if kv_index is not None:  # rows that share a condition add their gradients
+            dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32).index_add_(0, kv_index, dk_rows)
+            dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32).index_add_(0, kv_index, dv_rows)
         else:
             dk, dv = dk_rows, dv_rows
-        return dq, dk, dv, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def attention(q, k, v, scale=None, kv_index=None):
-    """softmax(q k^T * scale) v, [B, H, L, D] like F.scaled_dot_product_attention. With kv_index
-    (int64 [B]), k and v are [C, H, S, D] and row b attends to condition kv_index[b]."""
+    """softmax(q k^T * scale) v over [B, H, L, D], like F.scaled_dot_product_attention (scale
+    defaults to D^-1/2). With kv_index (int64 [B]), k and v are a table [C, H, S, D] and row b
+    attends to k[kv_index[b]], v[kv_index[b]]. Differentiable in q, k and v."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention needs q [B, H, L, D] and k, v [B or C, H, S, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     if kv_index is None and k.shape[0] != q.shape[0]:
         raise ValueError(f"q has {q.shape[0]} rows but k has {k.shape[0]}; pass kv_index to share K/V")
+    if kv_index is not None and tuple(kv_index.shape) != (q.shape[0],):
+        raise ValueError(f"kv_index must have one entry per row of q ({q.shape[0]}), got {tuple(kv_index.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    index = kv_index.to(device=q.device, dtype=torch.int64).contiguous() if kv_index is not None else None
-    return Attention.apply(q, k, v, scale, index)
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return attention_ref(q, k, v, scale, kv_index)
+    if q.numel() == 0:
+        return q.new_empty(q.shape)
+    if kv_index is not None:
+        kv_index = kv_index.to(device=q.device, dtype=torch.int64).contiguous()
+    return Attention.apply(q, k, v, scale, kv_index)
 
 
 def attention_ref(q, k, v, scale=None, kv_index=None):
+    """The same in plain torch: gather the conditions, then SDPA."""
     if kv_index is not None:
         k, v = k[kv_index], v[kv_index]
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 # -------------------------------------------------------------------------------------------------
-# benchmark
+# benchmark: python -m kernels.attention
 
 SD15_SHAPES = [  # (name, rows, heads, queries, keys, head dim) at 512 px, 10 rows as in the stage-1 step
     ("self 64x64", 10, 8, 4096, 4096, 40), ("self 32x32", 10, 8, 1024, 1024, 80),
@@ -282,43 +463,57 @@ SD15_SHAPES = [  # (name, rows, heads, queries, keys, head dim) at 512 px, 10 ro
     ("cross 64x64", 10, 8, 4096, 77, 40), ("cross 32x32", 10, 8, 1024, 77, 80),
     ("cross 16x16", 10, 8, 256, 77, 160), ("cross 8x8", 10, 8, 64, 77, 160),
 ]
+CONDITIONS = [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]  # the stage-1 step: ten rows over four conditions
 
 
 def benchmark():
-    """TFLOP/s forward and forward+backward at every SD1.5 shape, ours vs each SDPA backend, bf16."""
+    """TFLOP/s forward and forward+backward at every SD1.5 shape, bf16, ours beside each SDPA
+    backend, q/k/v laid out as the model makes them ([B, L, H, D] viewed as [B, H, L, D])."""
     if not torch.cuda.is_available():
-        print("kernels.attention benchmark: needs a CUDA device (correctness runs on CPU in tests/)")
+        print("kernels.attention benchmark: needs a CUDA device; nothing measured "
+              "(correctness is tested on CPU under the Triton interpreter: tests/test_kernels.py)")
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from kernels.bench_util import time_ms
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-    print(f"attention, bf16, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
-          " (TFLOP/s; fwd+bwd counts 3.5x the forward's FLOPs)")
-    print(f"{'shape':<13}{'pass':<9}{'ours':>7}" + "".join(f"{n:>10}" for n in backends) + f"{'ours/best':>11}")
-    for name, b, h, lq, lk, d in SD15_SHAPES:
-        q = torch.randn(b, h, lq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(b, h, lk, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(b, h, lk, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    print(f"attention, bf16, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print("TFLOP/s (4 B H L S D per forward; fwd+bwd counts 3.5x that); 'indexed' = 4 conditions for 10 rows,"
+          " torch gathers them first; '-' = backend refused the shape")
+    print(f"{'shape':<20}{'pass':<9}{'ours':>7}" + "".join(f"{n:>10}" for n in backends) + f"{'ours/best':>11}")
+
+    def made(rows, heads, length, d):  # as the model makes it: a projection viewed per head
+        t = torch.randn(rows, length, heads, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        return t.requires_grad_(True)
+
+    cases = [(name, shape, None) for name, *shape in SD15_SHAPES]
+    cases += [(name + " indexed", shape, CONDITIONS) for name, *shape in SD15_SHAPES if name.startswith("cross")]
+    for name, (b, h, lq, lk, d), conditions in cases:
+        index = torch.tensor(conditions, device="cuda") if conditions else None
+        kv_rows = len(set(conditions)) if conditions else b
+        q, k, v = made(b, h, lq, d), made(kv_rows, h, lk, d), made(kv_rows, h, lk, d)
         g = torch.randn_like(q)
         flops = 4 * b * h * lq * lk * d
         for label, factor in (("fwd", 1.0), ("fwd+bwd", 3.5)):
-            def run(fn):
+            def rate(fn):
                 if label == "fwd":
                     with torch.no_grad():
-                        return time_ms(lambda: fn(q, k, v))
-                return time_ms(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), g))
-            ours = factor * flops / run(attention) / 1e9
+                        ms = time_ms(lambda: fn(q, k, v))
+                else:
+                    ms = time_ms(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), g))
+                return factor * flops / ms / 1e9
+            ours = rate(lambda q, k, v: attention(q, k, v, kv_index=index))
             theirs = {}
             for bname, backend in backends.items():
                 try:
                     with sdpa_kernel(backend):
-                        theirs[bname] = factor * flops / run(F.scaled_dot_product_attention) / 1e9
+                        theirs[bname] = rate(lambda q, k, v: attention_ref(q, k, v, kv_index=index))
                 except RuntimeError:
-                    theirs[bname] = float("nan")
-            best = max((t for t in theirs.values() if t == t), default=float("nan"))
-            print(f"{name:<13}{label:<9}{ours:>7.0f}" + "".join(f"{theirs[n]:>10.0f}" for n in backends)
-                  + f"{ours / best:>10.2f}x")
+                    theirs[bname] = None
+            measured = [t for t in theirs.values() if t is not None]
+            print(f"{name:<20}{label:<9}{ours:>7.0f}" + "".join(f"{'-' if t is None else f'{t:.0f}':>10}"
+                                                                for t in theirs.values())
+                  + (f"{ours / max(measured):>10.2f}x" if measured else ""))
 
 
 if __name__ == "__main__":
