@@ -4,11 +4,13 @@
     dL/da   = g * gelu(b)
     dL/db   = g * a * gelu'(b),       gelu'(b) = Phi(b) + b * exp(-b^2 / 2) / sqrt(2 pi)
 
-Eager PyTorch reads x twice (chunk + gelu), writes gelu(b), reads it again for the product and
-keeps both halves for backward. Here one pass reads a and b and writes y; the backward reads
-x and g once and writes dx = [da, db] in one pass, recomputing gelu(b) instead of storing it.
-In SD1.5 this is the feed-forward of every transformer block: [B, L, 2 x 1280..5120].
+Eager PyTorch slices x, writes gelu(b) to memory, reads it back for the product and keeps it for
+the backward. Here one pass reads a and b and writes y; the backward reads x and g once and
+writes dx = [da, db] in one pass, recomputing gelu(b) instead of storing it. In SD1.5 this is the
+feed-forward gate of every transformer block: x is [B, L, 2 x 1280..5120].
 """
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -16,34 +18,58 @@ import triton.language as tl
 
 from kernels.rounding import to_dtype
 
-BLOCK = 1024
+RNE = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # the interpreter truncates to bf16: round as GPUs do
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
-def _geglu_fwd(x_ptr, y_ptr, n, half, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    row, col = offs // half, offs % half
-    a_offs = row * 2 * half + col
-    a = tl.load(x_ptr + a_offs, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(x_ptr + a_offs + half, mask=mask, other=0.0).to(tl.float32)
-    gelu_b = b * 0.5 * (1.0 + tl.math.erf(b * 0.7071067811865476))
-    tl.store(y_ptr + offs, to_dtype(a * gelu_b, y_ptr.dtype.element_ty), mask=mask)
+def _cast(x, dtype: tl.constexpr):
+    if RNE:
+        x = to_dtype(x, dtype)
+    else:
+        x = x.to(dtype)
+    return x
 
 
 @triton.jit
-def _geglu_bwd(x_ptr, g_ptr, dx_ptr, n, half, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    row, col = offs // half, offs % half
-    a_offs = row * 2 * half + col
-    a = tl.load(x_ptr + a_offs, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(x_ptr + a_offs + half, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    phi = 0.5 * (1.0 + tl.math.erf(b * 0.7071067811865476))
-    density = tl.exp(-0.5 * b * b) * 0.3989422804014327  # standard normal pdf
-    tl.store(dx_ptr + a_offs, to_dtype(g * b * phi, dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dx_ptr + a_offs + half, to_dtype(g * a * (phi + b * density), dx_ptr.dtype.element_ty), mask=mask)
+def _geglu_fwd(x_ptr, y_ptr, n_rows, half, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < half)
+    a_at = x_ptr + rows[:, None] * 2 * half + cols[None, :]
+    a = tl.load(a_at, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(a_at + half, mask=mask, other=0.0).to(tl.float32)
+    gelu_b = b * 0.5 * (1.0 + tl.math.erf(b * SQRT_HALF))
+    tl.store(y_ptr + rows[:, None] * half + cols[None, :], _cast(a * gelu_b, y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _geglu_bwd(x_ptr, g_ptr, dx_ptr, n_rows, half, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < half)
+    a_at = rows[:, None] * 2 * half + cols[None, :]
+    a = tl.load(x_ptr + a_at, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(x_ptr + a_at + half, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + rows[:, None] * half + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    phi = 0.5 * (1.0 + tl.math.erf(b * SQRT_HALF))
+    density = tl.exp(-0.5 * b * b) * INV_SQRT_2PI  # standard normal pdf
+    tl.store(dx_ptr + a_at, _cast(g * b * phi, dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + a_at + half, _cast(g * a * (phi + b * density), dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(n_rows, half):
+    """Grid over tiles of ROWS rows x BLOCK columns, 2048 elements each (8 per thread). SD's widths
+    (1280, 2560, 5120) are 5 x a power of two: a block of that power of two wastes no lanes; other
+    widths take masked blocks up to 1024 wide."""
+    block = half & -half  # largest power of two dividing half
+    if block < 128:
+        block = min(1024, triton.next_power_of_2(half))
+    block = min(block, 1024)
+    rows = max(1, 2048 // block)
+    grid = (triton.cdiv(n_rows, rows), triton.cdiv(half, block))
+    return grid, dict(ROWS=rows, BLOCK=block, num_warps=max(1, rows * block // 256))
 
 
 class GEGLU(torch.autograd.Function):
@@ -52,9 +78,9 @@ class GEGLU(torch.autograd.Function):
         x = x.contiguous()
         half = x.shape[-1] // 2
         y = torch.empty(*x.shape[:-1], half, device=x.device, dtype=x.dtype)
-        n = y.numel()
-        if n:
-            _geglu_fwd[(triton.cdiv(n, BLOCK),)](x, y, n, half, BLOCK=BLOCK)
+        n_rows = y.numel() // half
+        grid, meta = _launch(n_rows, half)
+        _geglu_fwd[grid](x, y, n_rows, half, **meta)
         ctx.save_for_backward(x)
         return y
 
@@ -62,17 +88,21 @@ class GEGLU(torch.autograd.Function):
     def backward(ctx, g):
         x, = ctx.saved_tensors
         g = g.contiguous()
+        half = x.shape[-1] // 2
         dx = torch.empty_like(x)
-        n = g.numel()
-        if n:
-            _geglu_bwd[(triton.cdiv(n, BLOCK),)](x, g, dx, n, x.shape[-1] // 2, BLOCK=BLOCK)
+        n_rows = g.numel() // half
+        grid, meta = _launch(n_rows, half)
+        _geglu_bwd[grid](x, g, dx, n_rows, half, **meta)
         return dx
 
 
 def geglu(x):
-    """a * gelu(b) for x = [a, b] on the last dimension (even size)."""
-    if x.shape[-1] % 2:
-        raise ValueError(f"GEGLU needs an even last dimension, got {x.shape[-1]}")
+    """a * gelu(b) for x = [a, b] on the last dimension (even size), exact erf GELU.
+    Differentiable in x."""
+    if x.dim() == 0 or x.shape[-1] % 2:
+        raise ValueError(f"GEGLU needs an even last dimension, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        return geglu_ref(x)
     return GEGLU.apply(x)
 
 
@@ -81,28 +111,37 @@ def geglu_ref(x):
     return a * F.gelu(b)
 
 
+# -------------------------------------------------------------------------------------------------
+# benchmark: python -m kernels.geglu
+
+SD15_SHAPES = [  # [B, L, 2F] of the UNet's feed-forwards at 512 px, ten rows (F = 4 x channels)
+    (10, 4096, 2 * 1280), (10, 1024, 2 * 2560), (10, 256, 2 * 5120), (10, 64, 2 * 5120),
+]
+
+
 def benchmark():
-    """GB/s of forward and forward+backward at SD1.5's feed-forward shapes, ours vs eager, bf16."""
+    """GB/s forward and forward+backward, ours beside eager chunk + F.gelu + multiply, bf16."""
     if not torch.cuda.is_available():
-        print("kernels.geglu benchmark: needs a CUDA device (correctness runs on CPU in tests/)")
+        print("kernels.geglu benchmark: needs a CUDA device; nothing measured "
+              "(correctness is tested on CPU under the Triton interpreter: tests/test_kernels.py)")
         return
     from kernels.bench_util import time_ms
     print(f"GEGLU, bf16, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print(f"{'shape [B, L, 2F]':<22}{'fwd ours':>10}{'fwd eager':>10}{'f+b ours':>10}{'f+b eager':>10}"
-          f"{'fwd x':>7}{'f+b x':>7}   (GB/s; x = ours / eager)")
-    for rows, width in ((10 * 4096, 2560), (10 * 1024, 5120), (10 * 256, 10240), (10 * 64, 10240)):
-        x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        g = torch.randn(rows, width // 2, device="cuda", dtype=torch.bfloat16)
-        fwd_bytes = x.numel() * 2 * 1.5  # read x, write y
-        bwd_bytes = x.numel() * 2 * 2.5 + fwd_bytes  # + read x, g, write dx
-        results = []
+    print("GB/s of the minimum traffic (fwd: read x, write y; fwd+bwd: + read x, g, write dx); x = ours / eager")
+    print(f"{'shape [B, L, 2F]':<22}{'fwd ours':>10}{'eager':>8}{'x':>7}{'f+b ours':>10}{'eager':>8}{'x':>7}")
+    for shape in SD15_SHAPES:
+        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(*shape[:-1], shape[-1] // 2, device="cuda", dtype=torch.bfloat16)
+        fwd_bytes = 1.5 * x.numel() * x.element_size()
+        both_bytes = fwd_bytes + 2.5 * x.numel() * x.element_size()
+        rates = []
         for fn in (geglu, geglu_ref):
             with torch.no_grad():
-                results.append(fwd_bytes / time_ms(lambda: fn(x)) / 1e6)
-            results.append(bwd_bytes / time_ms(lambda: torch.autograd.grad(fn(x), x, g)) / 1e6)
-        ours_f, ours_b, ref_f, ref_b = results
-        print(f"{str([10, rows // 10, width]):<22}{ours_f:>10.0f}{ref_f:>10.0f}{ours_b:>10.0f}{ref_b:>10.0f}"
-              f"{ours_f / ref_f:>7.2f}{ours_b / ref_b:>7.2f}")
+                rates.append(fwd_bytes / time_ms(lambda: fn(x)) / 1e6)
+            rates.append(both_bytes / time_ms(lambda: torch.autograd.grad(fn(x), x, g)) / 1e6)
+        ours_f, ours_b, ref_f, ref_b = rates
+        print(f"{str(list(shape)):<22}{ours_f:>10.0f}{ref_f:>8.0f}{ours_f / ref_f:>7.2f}"
+              f"{ours_b:>10.0f}{ref_b:>8.0f}{ours_b / ref_b:>7.2f}")
 
 
 if __name__ == "__main__":
