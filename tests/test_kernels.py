@@ -1,35 +1,13 @@
 """The Triton kernels against their plain-torch references, forward and backward, on random
 inputs at sizes that do not divide the tiles. Without a GPU they run under Triton's interpreter
-(tests/conftest.py sets TRITON_INTERPRET=1), so the CPU shapes are small.
-
-How a result is judged (the flash-attention rule): errors are relative Frobenius norms against a
-float64 reference. fp32 must be within 1e-5. fp16/bf16 must be within twice the error of PyTorch's
-own computation in the same dtype, plus 1e-5 (the fp32 bound: both results round from fp32
-arithmetic whose own differences are of that order, which matters only when torch's low-precision
-result happens to round exactly)."""
+(tests/conftest.py sets TRITON_INTERPRET=1), so the CPU shapes are small. The judging rule is in
+tests/kernel_check.py."""
 import pytest
 import torch
 
 from kernels import attention, attention_ref, geglu, geglu_ref, group_norm_silu, group_norm_silu_ref
 from model import ops
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"  # without CUDA, "cpu" means the Triton interpreter
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref).norm() / ref.norm()).item()
-
-
-def assert_close_as_torch(ours, torch_same_dtype, ref64, dtype, what):
-    assert ours.dtype == dtype and ours.shape == ref64.shape, what
-    err = rel_err(ours, ref64)
-    if dtype == torch.float32:
-        assert err <= 1e-5, f"{what}: {err:.2e}"
-    else:
-        limit = 2 * rel_err(torch_same_dtype, ref64) + 1e-5
-        assert err <= limit, f"{what}: ours {err:.2e} > 2 x torch's + 1e-5 = {limit:.2e}"
+from tests.kernel_check import CUDA, DEVICE, DTYPES, assert_close_as_torch, rel_err
 
 
 def outputs_and_grads(fn, inputs, grad_out, **kwargs):

@@ -5,7 +5,7 @@ import torch
 import stage1_tokens
 from model import ops, unet
 from model.schedule import alphas_cumprod
-from tests.kernel_check import DEVICES, assert_close_as_torch, rel_err
+from tests.kernel_check import DEVICE, assert_close_as_torch, rel_err
 
 
 def random_unet(device, dtype):
@@ -36,9 +36,8 @@ def stage1_step(model, device, dtype, kernels_on):
         ops.use_kernels(None)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_unet_forward_with_kernels(device, dtype):
+def test_unet_forward_with_kernels(dtype, device=DEVICE):
     model = random_unet(device, dtype)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 4, 8, 8, generator=gen).to(device, dtype)
@@ -53,8 +52,7 @@ def test_unet_forward_with_kernels(device, dtype):
     assert_close_as_torch(outs[True], outs[False], ref, dtype, "unet")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_stage1_backward_with_kernels(device):
+def test_stage1_backward_with_kernels(device=DEVICE):
     model = random_unet(device, torch.float32)
     loss_on, grad_on = stage1_step(model, device, torch.float32, True)
     loss_off, grad_off = stage1_step(model, device, torch.float32, False)
