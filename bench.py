@@ -177,15 +177,38 @@ def bench_unet(args, device, dtype):
     print(f"diffusers {ms_d:.1f} ms   ours {ms_o:.1f} ms   ours is {ms_d / ms_o:.2f}x diffusers' speed")
 
 
+def bench_sampling(args, device, dtype):
+    """One 50-step guided DDIM sampling loop (batch 1, CFG doubles it to 2 rows per UNet call)."""
+    from model.schedule import ddim_sample
+    sd15 = args.size == "sd15"
+    ucfg = unet.UNetConfig() if sd15 else unet.TINY
+    model_unet = random_module(unet.UNet, ucfg, device, dtype)
+    latent = (args.resolution or (512 if sd15 else 64)) // 8
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 4, latent, latent, generator=gen).to(device, dtype)
+    cond, uncond = (torch.randn(1, 77, ucfg.context_dim, generator=gen).to(device, dtype) for _ in range(2))
+    ms = timer(device)(lambda: ddim_sample(model_unet, cond, uncond, z, steps=50), 1, max(1, args.iters // 3))
+    print(f"50-step sampling loop, {args.size}, latent {latent}x{latent}: {ms:.0f} ms")
+    return ms
+
+
 def bench_kernels(args, device, dtype):
+    """Every kernel's table, then the stage-1 step and a sampling loop with kernels off and on."""
     import importlib
+    if device != "cuda":
+        print("bench.py --kernels: needs a CUDA device (the kernels are Triton; on CPU they only run under the "
+              "interpreter, for correctness)")
+        return
     for name in ("attention", "group_norm_silu", "geglu"):
         importlib.import_module(f"kernels.{name}").benchmark()
+    times = {}
     for flag in (False, True):
         ops.use_kernels(flag)
         print(f"--- kernels {'on' if flag else 'off'}")
-        bench_step(args, device, dtype)
+        times[flag] = bench_step(args, device, dtype)["ours"], bench_sampling(args, device, dtype)
     ops.use_kernels(None)
+    print(f"kernels on vs off: stage-1 step {times[False][0] / times[True][0]:.2f}x, "
+          f"sampling loop {times[False][1] / times[True][1]:.2f}x")
 
 
 if __name__ == "__main__":
