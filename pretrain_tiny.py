@@ -64,9 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--vae_steps", type=int, default=8000, help="phase 1 steps (fresh world images every step)")
     p.add_argument("--vae_batch", type=int, default=16, help="phase 1 images per step")
     p.add_argument("--vae_lr", type=float, default=1e-3, help="phase 1 peak learning rate (warmup, cosine decay)")
-    p.add_argument("--kl_weight", type=float, default=1e-4, help="KL weight, per latent element against squared error per pixel")
+    p.add_argument("--kl_weight", type=float, default=1e-4, help="KL weight (KL per latent, error per pixel)")
     p.add_argument("--pool", type=int, default=50000, help="world images encoded once for phase 2")
-    p.add_argument("--unet_steps", type=int, default=9000, help="phase 2 steps")
+    p.add_argument("--unet_steps", type=int, default=8500, help="phase 2 steps")
     p.add_argument("--unet_batch", type=int, default=64, help="phase 2 latents per step")
     p.add_argument("--unet_lr", type=float, default=1e-3, help="phase 2 peak learning rate (warmup, cosine decay)")
     p.add_argument("--cfg_dropout", type=float, default=0.1, help="share of captions replaced by '' in phase 2")
@@ -105,7 +105,7 @@ def stream_seed(seed, stream):
     return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
-def train(phase, stream, params, loss_fn, steps, lr, warmup, args, minutes=None, ema=None):
+def train(phase, stream, params, loss_fn, steps, lr, warmup, args, started, minutes=None, ema=None):
     """AdamW (no weight decay: most of the 49,408 token rows never get a gradient, and decay would
     shrink them, skewing the table statistics stage 1 draws <v> from), gradient clipping, optional
     EMA, checkpoints every --save_every steps, exact resume, a log and a progress bar.
@@ -156,7 +156,8 @@ def train(phase, stream, params, loss_fn, steps, lr, warmup, args, minutes=None,
                 fit = step + int((minutes * 60 - (time.perf_counter() - t_phase)) / rate)
                 steps = max(step, min(steps, fit))
                 bar.total = steps
-            bar.write(f"{phase}: {rate:.3f} s/step, {steps} steps, projected {rate * (steps - start) / 60:.1f} min")
+            bar.write(f"{phase}: {rate:.3f} s/step, {steps} steps, projected {rate * (steps - start) / 60:.1f} min "
+                      f"(the run so far: {(time.perf_counter() - started) / 60:.1f} min)")
         if step % args.save_every == 0 and step < steps:
             run.save_checkpoint(checkpoint, state, optimizer, generator, step, {"steps": str(steps)})
     bar.close()
@@ -213,8 +214,8 @@ def main(argv=None):
             return mse + args.kl_weight * kl, {"mse": mse, "kl": kl}
 
         vae_model.train()
-        vae_steps = train("vae", VAE_NOISE, dict(vae_model.named_parameters()), vae_loss, args.vae_steps, args.vae_lr, 100, args,
-                          args.vae_minutes)
+        vae_steps = train("vae", VAE_NOISE, dict(vae_model.named_parameters()), vae_loss, args.vae_steps,
+                          args.vae_lr, 100, args, t_start, args.vae_minutes)
         save_safetensors(vae_model.state_dict(), vae_file, {"steps": str(vae_steps)})
     vae_model.eval().requires_grad_(False)
 
@@ -222,8 +223,8 @@ def main(argv=None):
     check, _, _ = toyworld.batch(np.random.default_rng([args.seed, CHECK_IMAGES]), 64)
     with torch.no_grad():
         recon = vae_model.decode(encode(vae_model, check, device)[0]).clamp(-1, 1).cpu()
-    mse = ((recon - toyworld.to_tensor(check)) ** 2).mean().item()
-    vae_psnr = 10 * math.log10(4 / mse)  # the image range [-1, 1] spans 2
+    recon_mse = ((recon - toyworld.to_tensor(check)) ** 2).mean().item()
+    vae_psnr = 10 * math.log10(4 / recon_mse)  # the image range [-1, 1] spans 2
     save_png(grid(torch.cat([toyworld.to_tensor(check[:8]), recon[:8]]) / 2 + 0.5, columns=8),
              os.path.join(args.work, "vae_reconstructions.png"))
     print(f"vae: reconstruction PSNR {vae_psnr:.1f} dB on unseen images (top row: originals)")
@@ -234,7 +235,8 @@ def main(argv=None):
     pool_mean, pool_logvar = encode(vae_model, images, device)
     del images
     # SD's recipe: scale latents to unit variance (SD1.5's 0.18215 is 1/std of its VAE's latents).
-    noise = torch.randn(pool_mean.shape, generator=torch.Generator().manual_seed(stream_seed(args.seed, SCALE_NOISE))).to(device)
+    generator = torch.Generator().manual_seed(stream_seed(args.seed, SCALE_NOISE))
+    noise = torch.randn(pool_mean.shape, generator=generator).to(device)
     scale = round(1 / (pool_mean + (0.5 * pool_logvar).exp() * noise).std().item(), 5)
     vae_model.config.scaling_factor = vae_model.scaling_factor = scale
     pool_ids = tokenizer(captions).to(device)
@@ -260,7 +262,8 @@ def main(argv=None):
     ema = {k: v.detach().clone() for k, v in params.items()}
     unet_model.train()
     text_encoder.train()
-    unet_steps = train("unet", UNET_NOISE, params, unet_loss, args.unet_steps, args.unet_lr, 500, args, args.unet_minutes, ema)
+    unet_steps = train("unet", UNET_NOISE, params, unet_loss, args.unet_steps, args.unet_lr, 500, args, t_start,
+                       args.unet_minutes, ema)
     with torch.no_grad():  # ship the averaged weights
         for name, p in params.items():
             p.copy_(ema[name])
