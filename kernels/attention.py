@@ -29,17 +29,14 @@ What is particular to SD:
 Head dims above 256 (the VAE's single 512-wide head) would not fit a tile in registers; they go
 to torch's SDPA. kv_index values must lie in [0, C) (unchecked, like an index on the GPU).
 """
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.rounding import to_dtype
+from kernels.rounding import INTERPRET, store_cast
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the tests without a GPU
-RNE = tl.constexpr(INTERPRET)  # the interpreter truncates to bf16; round like the GPU does (rounding.py)
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 
@@ -53,15 +50,6 @@ def _split(d):
 
 # -------------------------------------------------------------------------------------------------
 # kernels
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr):
-    if RNE:
-        x = to_dtype(x, dtype)
-    else:
-        x = x.to(dtype)
-    return x
 
 
 @triton.jit
@@ -93,7 +81,7 @@ def _load(ptr, rows, n_rows, row_stride, COL0: tl.constexpr, WIDTH: tl.constexpr
 def _store(ptr, x, rows, n_rows, row_stride, COL0: tl.constexpr, WIDTH: tl.constexpr, D: tl.constexpr):
     cols = COL0 + tl.arange(0, WIDTH)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < D)
-    tl.store(ptr + rows[:, None] * row_stride + cols[None, :], _cast(x, ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + rows[:, None] * row_stride + cols[None, :], store_cast(x, ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

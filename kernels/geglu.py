@@ -9,27 +9,15 @@ the backward. Here one pass reads a and b and writes y; the backward reads x and
 writes dx = [da, db] in one pass, recomputing gelu(b) instead of storing it. In SD1.5 this is the
 feed-forward gate of every transformer block: x is [B, L, 2 x 1280..5120].
 """
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.rounding import to_dtype
+from kernels.rounding import store_cast
 
-RNE = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # the interpreter truncates to bf16: round as GPUs do
 SQRT_HALF = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr):
-    if RNE:
-        x = to_dtype(x, dtype)
-    else:
-        x = x.to(dtype)
-    return x
 
 
 @triton.jit
@@ -41,7 +29,7 @@ def _geglu_fwd(x_ptr, y_ptr, n_rows, half, ROWS: tl.constexpr, BLOCK: tl.constex
     a = tl.load(a_at, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(a_at + half, mask=mask, other=0.0).to(tl.float32)
     gelu_b = b * 0.5 * (1.0 + tl.math.erf(b * SQRT_HALF))
-    tl.store(y_ptr + rows[:, None] * half + cols[None, :], _cast(a * gelu_b, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + rows[:, None] * half + cols[None, :], store_cast(a * gelu_b, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -55,8 +43,8 @@ def _geglu_bwd(x_ptr, g_ptr, dx_ptr, n_rows, half, ROWS: tl.constexpr, BLOCK: tl
     g = tl.load(g_ptr + rows[:, None] * half + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     phi = 0.5 * (1.0 + tl.math.erf(b * SQRT_HALF))
     density = tl.exp(-0.5 * b * b) * INV_SQRT_2PI  # standard normal pdf
-    tl.store(dx_ptr + a_at, _cast(g * b * phi, dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dx_ptr + a_at + half, _cast(g * a * (phi + b * density), dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + a_at, store_cast(g * b * phi, dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + a_at + half, store_cast(g * a * (phi + b * density), dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(n_rows, half):

@@ -23,25 +23,13 @@ then dx. Every resnet in the SD UNet and VAE starts with this pair.
 Input [N, C, *spatial] in any memory layout; channels_last is read through a contiguous copy and
 the output is contiguous NCHW.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.rounding import to_dtype
+from kernels.rounding import store_cast
 
-RNE = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")  # the interpreter truncates to bf16: round as GPUs do
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr):
-    if RNE:
-        x = to_dtype(x, dtype)
-    else:
-        x = x.to(dtype)
-    return x
 
 
 @triton.jit
@@ -80,7 +68,7 @@ def _gn_silu_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, group_size, spa
         z = (x - mean) * rstd * w + b
         if SILU:
             z = z * tl.sigmoid(z)
-        tl.store(y_ptr + base + offs, _cast(z, y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + base + offs, store_cast(z, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -137,7 +125,7 @@ def _gn_silu_bwd(x_ptr, w_ptr, b_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr
             at = base + ch * spatial + offs
             x_hat, dz = _gn_silu_dz(x_ptr, dy_ptr, at, offs < spatial, mean, rstd, w, b, SILU)
             dx = rstd * (dz * w - mean_d - x_hat * mean_d_xhat)
-            tl.store(dx_ptr + at, _cast(dx, dx_ptr.dtype.element_ty), mask=offs < spatial)
+            tl.store(dx_ptr + at, store_cast(dx, dx_ptr.dtype.element_ty), mask=offs < spatial)
 
 
 def _launch(size):
