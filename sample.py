@@ -22,11 +22,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="the run folder stage 1 (and stage 2) wrote")
     p.add_argument("--prompt", action="append", default=None, help="prompt with <v>; repeat for several "
-                   "(default: a few scenes)")
+                   "(default: the model's example scenes)")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the "
+                   "model's, 7.5 for SD)")
     p.add_argument("--model", default=None, help="model (default: the one stage 1 used)")
     p.add_argument("--no_lora", action="store_true", help="ignore the stage-2 LoRA")
     p.add_argument("--samples", default=None, help="output folder (default <out>/samples)")
@@ -54,9 +55,7 @@ def main(argv=None):
         lora.load_lora(sd.unet, lora_path)
         lora.merge_lora(sd.unet)  # folded into the weights: sampling pays nothing for it
         print(f"with the stage-2 LoRA from {lora_path}")
-    prompts = [run.with_target_token(p) for p in (args.prompt or ["a photo of <v>", "a photo of <v> on the beach",
-                                                                   "a photo of <v> in a city street at night",
-                                                                   "a watercolor painting of <v>"])]
+    prompts = [run.with_target_token(p) for p in (args.prompt or sd.prompts)]
     for prompt in prompts:
         if run.TARGET_TOKEN not in prompt:
             run.warn(f"prompt '{prompt}' does not contain <v>: it will not show the learned concept")
@@ -69,7 +68,7 @@ def main(argv=None):
     os.makedirs(folder, exist_ok=True)
     all_prompts = [p for p in prompts for _ in range(args.n)]
     images = generate(sd, all_prompts, target.to(device, dtype), seed=args.seed, steps=args.steps,
-                      guidance=args.guidance, resolution=resolution)
+                      guidance=args.guidance if args.guidance is not None else sd.guidance, resolution=resolution)
 
     # ---------------------------------------------------------------------------------------------
     # save

@@ -33,9 +33,6 @@ from model import run
 from model.data import NEUTRAL_CAPTION, load_images
 from model.generate import generate, grid, save_png
 
-RESIDUALS_PER_IMAGE = 8
-VALIDATION_PROMPTS = ["a photo of <v>", "a photo of <v> on the beach", "a photo of <v> in the snow",
-                      "an oil painting of <v>"]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -44,13 +41,15 @@ VALIDATION_PROMPTS = ["a photo of <v>", "a photo of <v> on the beach", "a photo 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--images", required=True, help="folder of 2-6 photos of one subject (NN.txt captions beside them)")
-    p.add_argument("--model", default=model.DEFAULT_MODEL, help="SD1.5 .safetensors file, diffusers folder or hub id")
+    p.add_argument("--model", default=model.DEFAULT_MODEL, help="SD1.5 .safetensors file, diffusers folder or hub id "
+                   "(default: the embedded toy model)")
     p.add_argument("--out", default=None, help="run folder (default runs/<images folder name>)")
     p.add_argument("--captions", default=None, help="JSON file mapping image file names to captions")
     p.add_argument("--steps", type=int, default=200, help="optimisation steps")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
     p.add_argument("--weight_decay", type=float, default=1e-2, help="AdamW weight decay on the new vectors")
     p.add_argument("--beta", type=float, default=0.05, help="weight of the cross-image exclusion loss")
+    p.add_argument("--residuals", type=int, default=8, help="residual tokens per image (0 = textual inversion: <v> alone)")
     p.add_argument("--dd_weight", type=float, default=0.0, help="ACCORD DDLoss weight (0 = off; paper: 0.1-0.3)")
     p.add_argument("--dd_space", choices=["xprev", "eps"], default="xprev", help="DDLoss in posterior-mean or eps space")
     p.add_argument("--pd_weight", type=float, default=0.0, help="ACCORD PDLoss weight (0 = off; paper: 0.001-0.003)")
@@ -65,8 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--nan_at_step", type=int, default=None, help=argparse.SUPPRESS)  # fault-injection for tests
     args = p.parse_args(argv)
-    if args.steps < 1 or args.lr <= 0 or args.beta < 0 or args.dd_weight < 0 or args.pd_weight < 0:
-        raise model.UserError("--steps must be >= 1, --lr > 0 and the loss weights >= 0")
+    if args.steps < 1 or args.lr <= 0 or args.beta < 0 or args.dd_weight < 0 or args.pd_weight < 0 or args.residuals < 0:
+        raise model.UserError("--steps must be >= 1, --lr > 0, --residuals and the loss weights >= 0")
+    if args.residuals == 0 and args.dd_weight > 0:
+        raise model.UserError("--dd_weight needs residual tokens (its conditions include <r_i>); use --residuals > 0")
     if args.pd_weight > 0 and not args.superclass:
         raise model.UserError("--pd_weight needs --superclass (the subject's class word, e.g. dog)")
     args.out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(args.images)))
@@ -165,11 +166,14 @@ def main(argv=None):
     if n == 1 and beta > 0:
         run.warn("one image: the exclusion loss needs at least two, so it is off (beta = 0)")
         beta = 0.0
+    if args.residuals == 0 and beta > 0:
+        print("--residuals 0 (textual inversion): no residual tokens, so no exclusion loss (beta = 0)")
+        beta = 0.0
     n_anchors = min(3, n - 1) if beta > 0 else 0
     with_dd = args.dd_weight > 0
 
     # The new tokens: ids after the frozen table, vectors in their own fp32 parameters.
-    residual_tokens = run.residual_names(n, RESIDUALS_PER_IMAGE)
+    residual_tokens = run.residual_names(n, args.residuals)
     sd.tokenizer.add_tokens([run.TARGET_TOKEN] + sum(residual_tokens, []))
     encoder = sd.text_encoder
     with torch.no_grad():
@@ -184,7 +188,7 @@ def main(argv=None):
         inside = (position > 0) & (position < first_eos)
         mean = (hidden * inside[..., None]).sum(1) / inside.sum(1, keepdim=True).clamp(min=1)
     target = torch.nn.Parameter(target0[None].to(device))
-    residual = torch.nn.Parameter(mean[:, None].repeat(1, RESIDUALS_PER_IMAGE, 1).contiguous())
+    residual = torch.nn.Parameter(mean[:, None].repeat(1, args.residuals, 1).contiguous())
     params = {"target": target, "residual": residual}
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=precision == "fp16")
@@ -257,13 +261,13 @@ def main(argv=None):
     # save
     run.save_tokens(args.out, target, residual, {
         "format": "conceptprism-tokens-v1", "target_token": run.TARGET_TOKEN, "images": refs.names,
-        "captions": captions, "residuals_per_image": RESIDUALS_PER_IMAGE, "steps": args.steps,
+        "captions": captions, "residuals_per_image": args.residuals, "steps": args.steps,
         "settings": settings})
     run.save_checkpoint(checkpoint_path, params, optimizer, generator, args.steps, {"settings": json.dumps(settings)})
     if args.val_steps > 0:
-        images = generate(sd, VALIDATION_PROMPTS, extra_embeddings().detach(), seed=args.seed, steps=args.val_steps,
-                          resolution=resolution)
-        save_png(grid(images, columns=len(VALIDATION_PROMPTS)), os.path.join(args.out, "stage1_grid.png"))
+        images = generate(sd, sd.prompts, extra_embeddings().detach(), seed=args.seed, steps=args.val_steps,
+                          guidance=sd.guidance, resolution=resolution)
+        save_png(grid(images, columns=len(sd.prompts)), os.path.join(args.out, "stage1_grid.png"))
     run.mark_done(args.out, "stage1")
     print(f"stage 1 done: {args.out}/{run.TOKENS_FILE} (target token <v> also in v.diffusers.safetensors "
           "and v.a1111.safetensors)")

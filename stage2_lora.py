@@ -22,7 +22,7 @@ import model
 from model import lora, run
 from model.data import load_images
 from model.generate import generate, grid, save_png
-from stage1_tokens import VALIDATION_PROMPTS, noisy
+from stage1_tokens import noisy
 
 
 # -------------------------------------------------------------------------------------------------
@@ -141,9 +141,9 @@ def main(argv=None):
     lora.save_lora(sd.unet, os.path.join(args.out, "lora.kohya.safetensors"), "kohya", lora_meta)
     run.save_checkpoint(checkpoint_path, params, optimizer, generator, args.steps)
     if args.val_steps > 0:
-        images = generate(sd, VALIDATION_PROMPTS, extra, seed=args.seed, steps=args.val_steps,
+        images = generate(sd, sd.prompts, extra, seed=args.seed, steps=args.val_steps, guidance=sd.guidance,
                           resolution=resolution)
-        save_png(grid(images, columns=len(VALIDATION_PROMPTS)), os.path.join(args.out, "stage2_grid.png"))
+        save_png(grid(images, columns=len(sd.prompts)), os.path.join(args.out, "stage2_grid.png"))
     run.mark_done(args.out, "stage2")
     print(f"stage 2 done: {args.out}/lora.peft.safetensors and lora.kohya.safetensors")
 

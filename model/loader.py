@@ -43,13 +43,22 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool}
 
 
-class StableDiffusion:
-    """The loaded model: .unet, .vae, .text_encoder, .tokenizer, .alphas_cumprod (float32 [1000])."""
+# What validation grids and sample.py draw when the user names no prompt. A model file we wrote may
+# carry its own (the toy model's world has no beaches), with the guidance scale it samples best at.
+SD_PROMPTS = ("a photo of <v>", "a photo of <v> on the beach", "a photo of <v> in the snow",
+              "an oil painting of <v>")
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, alphas_cumprod, resolution=512):
+
+class StableDiffusion:
+    """The loaded model: .unet, .vae, .text_encoder, .tokenizer, .alphas_cumprod (float32 [1000]),
+    and the model's own defaults: .resolution, .prompts (with <v>), .guidance."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, alphas_cumprod, resolution=512, prompts=SD_PROMPTS,
+                 guidance=7.5):
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.alphas_cumprod = tokenizer, alphas_cumprod
         self.resolution = resolution  # the image size the model was trained at
+        self.prompts, self.guidance = list(prompts), guidance
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +162,9 @@ def _load_single_file(path, device, dtype):
             k.startswith("cond_stage_model.model.") for k in unknown) else ""
         raise UserError(f"{path}: {len(unknown)} keys are not Stable Diffusion 1.x weights{hint}: "
                         f"{', '.join(unknown[:3])}")
-    models = {"resolution": int(st.metadata.get("resolution", 512))}
+    models = {"resolution": int(st.metadata.get("resolution", 512)),
+              "prompts": json.loads(st.metadata.get("prompts", "null")) or SD_PROMPTS,
+              "guidance": float(st.metadata.get("guidance", 7.5))}
     with open(path, "rb") as f:
         for name, keys in by_component.items():
             if not keys:
@@ -270,12 +281,16 @@ def load(path, device="cpu", dtype=torch.float32):
     else:
         raise UserError(f"{path} is neither a .safetensors file nor a diffusers folder (no unet/ inside)")
     return StableDiffusion(models["unet"], models["vae"], models["text_encoder"], tokenizer,
-                           make_alphas_cumprod(), models["resolution"])
+                           make_alphas_cumprod(), models["resolution"], models.get("prompts", SD_PROMPTS),
+                           models.get("guidance", 7.5))
 
 
 def save(sd, path, dtype=None, resolution=None):
-    """Write a model as one original-layout .safetensors file with its configs as metadata."""
-    tensors, metadata = {}, {"resolution": str(resolution or sd.resolution)}
+    """Write a model as one original-layout .safetensors file with its configs and its sampling
+    defaults (resolution, example prompts, guidance) as metadata."""
+    tensors = {}
+    metadata = {"resolution": str(resolution or sd.resolution), "prompts": json.dumps(sd.prompts),
+                "guidance": str(sd.guidance)}
     for name, (_, _, prefix, _) in COMPONENTS.items():
         module = getattr(sd, name)
         metadata[f"{name}_config"] = json.dumps(asdict(module.config))
