@@ -21,6 +21,7 @@ pixels could never be drawn back; one that alternates between neighbouring cells
 the contrast it needs, and staying on the latent grid keeps it exact rather than blurred.
 """
 import json
+import os
 
 import numpy as np
 import torch
@@ -76,11 +77,16 @@ def _with_article(words):
     return ("an " if words[0] in "aeiou" else "a ") + words
 
 
+def background_words(colour, style="plain"):
+    """("orange", "gradient") -> "an orange gradient background" (what a caption says of it)."""
+    ground = {"plain": colour, "gradient": f"{colour} gradient", "cloudy": f"cloudy {colour}"}[style]
+    return f"{_with_article(ground)} background"
+
+
 def caption(attrs):
     obj = concept_name((attrs["shape"], attrs["colour"], attrs["pattern"]))
-    style, colour = attrs["background_style"], attrs["background"]
-    ground = {"plain": colour, "gradient": f"{colour} gradient", "cloudy": f"cloudy {colour}"}[style]
-    return f"a {attrs['size']} {obj} on {_with_article(ground)} background, {attrs['position']}"
+    ground = background_words(attrs["background"], attrs["background_style"])
+    return f"a {attrs['size']} {obj} on {ground}, {attrs['position']}"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -179,6 +185,33 @@ def batch(rng, n, held_out=HELD_OUT, concept=None):
     """n fresh examples: (images uint8 [n, SIZE, SIZE, 3], captions, attribute dicts)."""
     attrs = [sample_attributes(rng, held_out, concept) for _ in range(n)]
     return np.stack([render(a, rng) for a in attrs]), [caption(a) for a in attrs], attrs
+
+
+def reference_set(concept, n, rng):
+    """n photos of one concept to personalise from, as a user would bring them: each on a background
+    colour of its own and in a corner of its own (cycling past four), size and style random. What the
+    photos share is exactly the concept; everything else is residual that must not leak.
+    Returns (images uint8 [n, SIZE, SIZE, 3], captions, attribute dicts)."""
+    grounds = [c for c in RGB if c != concept[1]]
+    grounds = [grounds[k] for k in rng.permutation(len(grounds))[:n]]
+    corners = [p for p in ATTRIBUTES["position"] if p != "center"]
+    order = rng.permutation(len(corners))
+    corners = [corners[order[k % len(corners)]] for k in range(n)]
+    attrs = []
+    for ground, corner in zip(grounds, corners):
+        a = sample_attributes(rng, concept=concept)
+        a.update(background=ground, position=corner)
+        attrs.append(a)
+    return np.stack([render(a, rng) for a in attrs]), [caption(a) for a in attrs], attrs
+
+
+def write_folder(folder, images, captions):
+    """A reference folder in the kohya layout the scripts read: 01.png with its caption in 01.txt."""
+    os.makedirs(folder, exist_ok=True)
+    for k, (image, text) in enumerate(zip(images, captions), 1):
+        Image.fromarray(image).save(os.path.join(folder, f"{k:02d}.png"))
+        with open(os.path.join(folder, f"{k:02d}.txt"), "w") as f:
+            f.write(text + "\n")
 
 
 def to_tensor(images):
