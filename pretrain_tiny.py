@@ -49,6 +49,11 @@ VAE = vae.VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=8
 UNET = unet.UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
                        num_heads=(4, 4), context_dim=TEXT.width, norm_groups=8)
 RESOLUTION = toyworld.SIZE
+# Saved with the model as its example prompts (validation grids, sample.py's default): the world's
+# captions with <v> for the object, in each background style and a few places.
+EXAMPLE_PROMPTS = ["a large <v> on a white background, center", "a small <v> on a cloudy black background, top right",
+                   "a large <v> on an orange gradient background, bottom left",
+                   "a large <v> on a red background, center"]
 # The run's random streams, each seeded from (--seed, stream) so that none shares another's numbers.
 VAE_IMAGES, VAE_NOISE, POOL_IMAGES, SCALE_NOISE, UNET_NOISE, CHECK_IMAGES, PROMPTS = range(1, 8)
 
@@ -61,12 +66,12 @@ def parse_args(argv=None):
     p.add_argument("--out", default="model/tiny/tiny_sd.safetensors", help="the fp16 model file (card: same name, .md)")
     p.add_argument("--work", default="runs/pretrain_tiny", help="checkpoints, logs and sample grids")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the world images and the noise")
-    p.add_argument("--vae_steps", type=int, default=8000, help="phase 1 steps (fresh world images every step)")
+    p.add_argument("--vae_steps", type=int, default=2500, help="phase 1 steps (fresh world images every step)")
     p.add_argument("--vae_batch", type=int, default=16, help="phase 1 images per step")
     p.add_argument("--vae_lr", type=float, default=1e-3, help="phase 1 peak learning rate (warmup, cosine decay)")
     p.add_argument("--kl_weight", type=float, default=1e-4, help="KL weight (KL per latent, error per pixel)")
     p.add_argument("--pool", type=int, default=50000, help="world images encoded once for phase 2")
-    p.add_argument("--unet_steps", type=int, default=8500, help="phase 2 steps")
+    p.add_argument("--unet_steps", type=int, default=6000, help="phase 2 steps")
     p.add_argument("--unet_batch", type=int, default=64, help="phase 2 latents per step")
     p.add_argument("--unet_lr", type=float, default=1e-3, help="phase 2 peak learning rate (warmup, cosine decay)")
     p.add_argument("--cfg_dropout", type=float, default=0.1, help="share of captions replaced by '' in phase 2")
@@ -76,7 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--save_every", type=int, default=500, help="checkpoint every this many steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --work from its checkpoints")
     p.add_argument("--sample_steps", type=int, default=50, help="DDIM steps of the sample grid")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance of the sample grid")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance of the sample grid, "
+                   "saved as the model's default")
     p.add_argument("--classifier", default="model/tiny/classifier.safetensors",
                    help="attribute classifier for the card's prompt-following score (skipped if missing)")
     p.add_argument("--eval_prompts", type=int, default=200, help="generated images the classifier scores")
@@ -270,7 +276,8 @@ def main(argv=None):
 
     # ---------------------------------------------------------------------------------------------
     # save, then sample from the saved fp16 file: what ships is what gets checked
-    sd = StableDiffusion(unet_model, vae_model, text_encoder, tokenizer, alphas.cpu(), RESOLUTION)
+    sd = StableDiffusion(unet_model, vae_model, text_encoder, tokenizer, alphas.cpu(), RESOLUTION,
+                         EXAMPLE_PROMPTS, args.guidance)
     model.save(sd, args.out, dtype=torch.float16, resolution=RESOLUTION)
     sd = model.load(args.out, device=device)
     rng = np.random.default_rng([args.seed, PROMPTS])
@@ -278,7 +285,7 @@ def main(argv=None):
     prompts += [f"a large {toyworld.concept_name(c)} on a white background, center" for c in toyworld.HELD_OUT]
     pictures = generate(sd, prompts, seed=args.seed, steps=args.sample_steps, guidance=args.guidance,
                         resolution=RESOLUTION, batch=32)
-    save_png(grid(pictures, columns=6), os.path.join(args.work, "samples.png"))
+    save_png(grid(pictures, columns=6), samples_path(args.out))
     following = None
     if os.path.exists(args.classifier) and args.eval_prompts > 0:
         # Share of generated images whose attributes the classifier reads as the prompt asked.
@@ -293,7 +300,19 @@ def main(argv=None):
     minutes = (time.perf_counter() - t_start) / 60
     write_card(args, sd, vae_steps, unet_steps, vae_psnr, following, minutes, prompts)
     print(f"saved {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB) in {minutes:.1f} min; samples in "
-          f"{args.work}/samples.png")
+          f"{samples_path(args.out)}")
+
+
+def samples_path(out):
+    """The card's picture, beside the model: model/tiny/tiny_sd_samples.png."""
+    return os.path.splitext(out)[0] + "_samples.png"
+
+
+def final_loss(args, phase, key="loss", last=200):
+    """Mean of a phase's last `last` logged values: one step's loss is too noisy to report."""
+    with open(os.path.join(args.work, f"{phase}_log.jsonl")) as f:
+        values = [json.loads(line)[key] for line in f][-last:]
+    return sum(values) / len(values)
 
 
 def command_line(args):
@@ -327,6 +346,10 @@ def write_card(args, sd, vae_steps, unet_steps, vae_psnr, following, minutes, pr
         f"{os.path.getsize(args.out) / 1e6:.1f} MB",
         *[f"- `{name}` config: `{json.dumps(asdict(getattr(sd, name).config))}`"
           for name in ("vae", "text_encoder", "unet")],
+        f"- Data: {args.vae_steps * args.vae_batch:,} fresh world images for the VAE, a pool of {args.pool:,} "
+        f"encoded once for the UNet and text encoder, captions dropped {args.cfg_dropout:.0%} of the time",
+        f"- Final losses (mean of the last 200 steps): VAE squared error {final_loss(args, 'vae', 'mse'):.5f}, "
+        f"KL {final_loss(args, 'vae', 'kl'):.3f}; UNet epsilon loss {final_loss(args, 'unet'):.4f}",
         f"- Resolution {RESOLUTION}; VAE scaling factor {sd.vae.scaling_factor}; reconstruction PSNR "
         f"{vae_psnr:.1f} dB on unseen images",
         "- Held out of pretraining (the concepts to personalise): "
@@ -337,7 +360,11 @@ def write_card(args, sd, vae_steps, unet_steps, vae_psnr, following, minutes, pr
         lines.append(f"- Prompt following ({args.eval_prompts} prompts, DDIM {args.sample_steps}, guidance "
                      f"{args.guidance}; share the classifier reads as asked): "
                      + ", ".join(f"{k} {v:.0%}" for k, v in following.items()))
-    lines += ["", "Load it with `model.load(path)`; prompts are captions like the one above."]
+    lines += ["", "Load it with `model.load(path)`; prompts are captions like the one above.", "",
+              f"![samples]({os.path.basename(samples_path(args.out))})", "",
+              f"Samples (DDIM {args.sample_steps}, guidance {args.guidance}): twelve fresh captions, then the "
+              "held-out objects named in words (never seen together in pretraining, so these are not expected "
+              "to be right: that is what personalisation is for)."]
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -3,9 +3,14 @@
     sd = model.load("v1-5-pruned-emaonly.safetensors", device="cuda", dtype=torch.bfloat16)
     eps = sd.unet(x_t, t, sd.text_encoder(sd.tokenizer(["a photo of a dog"])))
 """
+import os
+
 from model.errors import UserError
 from model.loader import load, save
 from model.schedule import ddim_sample
 
-# With no --model the scripts use this: SD1.5 from the local hub cache (a file or folder works too).
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# With no --model the scripts use the embedded toy model (made by pretrain_tiny.py, described in
+# model/tiny/tiny_sd.md), so a fresh CPU machine runs every script in minutes. Real work passes SD1.5:
+# a .safetensors file, a diffusers folder, or a hub id in the local cache.
+TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")
+DEFAULT_MODEL = os.path.join(TINY_DIR, "tiny_sd.safetensors")

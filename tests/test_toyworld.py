@@ -123,7 +123,7 @@ def test_pretraining_smoke_run_saves_a_model_that_loads_and_samples(tmp_path):
     assert sd.vae.config.ch_mult == pretrain_tiny.VAE.ch_mult and sd.vae.scaling_factor != 0.18215
     images = generate(sd, [toyworld.caption(EXAMPLE), ""], seed=0, steps=3, guidance=3.0, resolution=64)
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
-    assert os.path.exists(tmp_path / "tiny.md") and os.path.exists(tmp_path / "work" / "samples.png")
+    assert os.path.exists(tmp_path / "tiny.md") and os.path.exists(tmp_path / "tiny_samples.png")
 
 
 def test_pretraining_resumes_exactly(tmp_path, monkeypatch):
