@@ -34,7 +34,6 @@ from model.data import NEUTRAL_CAPTION, load_images
 from model.generate import generate, grid, save_png
 
 
-
 # -------------------------------------------------------------------------------------------------
 # settings
 
@@ -49,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
     p.add_argument("--weight_decay", type=float, default=1e-2, help="AdamW weight decay on the new vectors")
     p.add_argument("--beta", type=float, default=0.05, help="weight of the cross-image exclusion loss")
-    p.add_argument("--residuals", type=int, default=8, help="residual tokens per image (0 = textual inversion: <v> alone)")
+    p.add_argument("--residuals", type=int, default=8, help="residual tokens per image (0: textual inversion, <v> alone)")
     p.add_argument("--dd_weight", type=float, default=0.0, help="ACCORD DDLoss weight (0 = off; paper: 0.1-0.3)")
     p.add_argument("--dd_space", choices=["xprev", "eps"], default="xprev", help="DDLoss in posterior-mean or eps space")
     p.add_argument("--pd_weight", type=float, default=0.0, help="ACCORD PDLoss weight (0 = off; paper: 0.001-0.003)")
@@ -64,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--nan_at_step", type=int, default=None, help=argparse.SUPPRESS)  # fault-injection for tests
     args = p.parse_args(argv)
-    if args.steps < 1 or args.lr <= 0 or args.beta < 0 or args.dd_weight < 0 or args.pd_weight < 0 or args.residuals < 0:
+    if args.steps < 1 or args.lr <= 0 or min(args.beta, args.dd_weight, args.pd_weight, args.residuals) < 0:
         raise model.UserError("--steps must be >= 1, --lr > 0, --residuals and the loss weights >= 0")
     if args.residuals == 0 and args.dd_weight > 0:
         raise model.UserError("--dd_weight needs residual tokens (its conditions include <r_i>); use --residuals > 0")

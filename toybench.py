@@ -1,0 +1,202 @@
+"""ToyBench: concept leakage counted exactly, on the toy world of model/toyworld.py.
+
+    python toybench.py                                          # 3 concepts x 3 seeds, ~40 min on 2 CPU cores
+    python toybench.py --concepts 1 --seeds 1 --steps 20 --stage2_steps 10 --sample_steps 10   # smoke
+
+For every held-out concept and seed it renders reference photos of the concept, each on a background
+colour of its own and in a corner of its own (toyworld.reference_set), personalises the embedded toy
+model with each method below, then asks for the concept somewhere new: "a large <v> on a {colour}
+background, center" for every background colour no reference used. The attribute classifier reads
+every generated image:
+
+  fidelity   the concept is drawn: share of its shape, colour and pattern the classifier finds
+  alignment  the prompt is followed: the prompted background colour is there
+  leak bg    a reference photo's background colour is there instead
+  leak pos   the object sits in a reference photo's corner, although the prompt says center
+
+Methods, each row adding one thing: "<v> alone" (textual inversion), ConceptPrism stage 1 with beta 0
+(residual tokens, no exclusion), ConceptPrism stage 1, + ACCORD's DDLoss, + the stage-2 LoRA. A
+"words" row asks for the concept by name ("purple dotted heart"): pretraining never showed those
+combinations, so it is the score of describing the subject instead of learning it.
+
+Results are appended to <out>/results.jsonl as each run finishes, so a killed benchmark continues where
+it stopped; the table (mean and spread over seeds) goes to <out>/table.md and a picture to <out>/grid.png.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+
+import model
+import stage1_tokens
+import stage2_lora
+from model import lora, run, toyworld
+from model.generate import generate, grid, save_png
+
+METHODS = {  # name: stage-1 arguments (None: no learning), LoRA stage after it
+    "words (no learning)": (None, False),
+    "<v> alone (textual inversion)": (["--residuals", "0"], False),
+    "ConceptPrism stage 1, beta 0": (["--beta", "0"], False),
+    "ConceptPrism stage 1": ([], False),
+    "+ DDLoss": (["--dd_weight", "0.1"], False),
+    "+ DDLoss + LoRA stage": (["--dd_weight", "0.1"], True),
+}
+
+
+# -------------------------------------------------------------------------------------------------
+# settings
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/toybench", help="runs, results.jsonl, table.md and grid.png")
+    p.add_argument("--model", default=model.DEFAULT_MODEL, help="a toy-world model (default: the embedded one)")
+    p.add_argument("--classifier", default=os.path.join(model.TINY_DIR, "classifier.safetensors"),
+                   help="the attribute classifier train_classifier.py wrote")
+    p.add_argument("--concepts", type=int, default=3, help="how many of the held-out concepts (at most 5)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per concept: reference photos, training, sampling")
+    p.add_argument("--images", type=int, default=4, help="reference photos per concept")
+    p.add_argument("--steps", type=int, default=200, help="stage-1 steps")
+    p.add_argument("--lr", type=float, default=None, help="stage-1 learning rate (default: stage 1's)")
+    p.add_argument("--stage2_steps", type=int, default=120, help="stage-2 steps")
+    p.add_argument("--per_prompt", type=int, default=4, help="images generated per prompt")
+    p.add_argument("--sample_steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--device", default=None, help="default cuda when available")
+    args = p.parse_args(argv)
+    if not 1 <= args.concepts <= len(toyworld.HELD_OUT):
+        raise model.UserError(f"--concepts must be 1 to {len(toyworld.HELD_OUT)}")
+    if not 2 <= args.images <= 6:
+        raise model.UserError("--images must be 2 to 6 (exclusion needs two; the method is meant for a few photos)")
+    if min(args.seeds, args.steps, args.stage2_steps, args.per_prompt, args.sample_steps) < 1:
+        raise model.UserError("--seeds, --steps, --stage2_steps, --per_prompt and --sample_steps must be >= 1")
+    if not os.path.exists(args.classifier):
+        raise model.UserError(f"no classifier at {args.classifier}; train one with python train_classifier.py")
+    return args
+
+
+# -------------------------------------------------------------------------------------------------
+# one method on one reference set
+
+def personalise(args, refs, folder, stage1_args, with_lora, seed):
+    """Train into `folder` (a finished stage is reused, so an interrupted benchmark resumes)."""
+    common = ["--model", args.model, "--seed", str(seed), "--val_steps", "0"] + (
+        ["--device", args.device] if args.device else [])
+    def again(stage):  # continue a stage a killed benchmark left half done
+        return "--resume" if os.path.exists(os.path.join(folder, f"{stage}_checkpoint.safetensors")) else "--overwrite"
+
+    if not os.path.exists(os.path.join(folder, "DONE_stage1")):
+        lr = ["--lr", str(args.lr)] if args.lr else []
+        stage1_tokens.main(["--images", refs, "--out", folder, "--steps", str(args.steps), again("stage1")]
+                           + lr + stage1_args + common)
+    if with_lora and not os.path.exists(os.path.join(folder, "DONE_stage2")):
+        stage2_lora.main(["--out", folder, "--steps", str(args.stage2_steps), again("stage2")] + common)
+
+
+def draw(args, prompts, folder, with_lora, seed):
+    """The prompts drawn with the learned <v> (and LoRA), as sample.py would; words alone without a folder."""
+    device, _, dtype = run.device_and_dtype(args.device, None)
+    sd = model.load(args.model, device, dtype)
+    target = None
+    if folder is not None:
+        target, _, _ = run.load_tokens(folder)
+        target = target.to(device, dtype)
+        sd.tokenizer.add_tokens([run.TARGET_TOKEN])
+        if with_lora:
+            lora.load_lora(sd.unet, os.path.join(folder, "lora.peft.safetensors"))
+            lora.merge_lora(sd.unet)
+    return generate(sd, prompts, target, seed=seed, steps=args.sample_steps, guidance=sd.guidance,
+                    resolution=sd.resolution, batch=64)
+
+
+def score(classifier, images, concept, grounds, ref_attrs):
+    """The four measures of one method's images (see the module docstring), and each image's reading."""
+    read = classifier.predict(images * 2 - 1)
+    ref_grounds = {a["background"] for a in ref_attrs}
+    ref_corners = {a["position"] for a in ref_attrs}
+    n = len(images)
+    concept_hits = [np.mean([read[k][i] == v for k, v in zip(("shape", "colour", "pattern"), concept)])
+                    for i in range(n)]
+    return {"fidelity": float(np.mean(concept_hits)),
+            "alignment": float(np.mean([read["background"][i] == grounds[i] for i in range(n)])),
+            "leak bg": float(np.mean([read["background"][i] in ref_grounds for i in range(n)])),
+            "leak pos": float(np.mean([read["position"][i] in ref_corners for i in range(n)]))}
+
+
+# -------------------------------------------------------------------------------------------------
+# the benchmark
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    os.makedirs(args.out, exist_ok=True)
+    results_path = os.path.join(args.out, "results.jsonl")
+    done = {}
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            for line in f:
+                r = json.loads(line)
+                done[(r["concept"], r["seed"], r["method"])] = r
+    classifier = toyworld.load_classifier(args.classifier)
+    measures = ("fidelity", "alignment", "leak bg", "leak pos")
+    pictures = []  # the first concept and seed: references, then a row of images per method
+
+    for c, concept in enumerate(toyworld.HELD_OUT[:args.concepts]):
+        name = toyworld.concept_name(concept)
+        for seed in range(args.seeds):
+            images, captions, ref_attrs = toyworld.reference_set(concept, args.images, np.random.default_rng([seed, c]))
+            refs = os.path.join(args.out, "refs", f"{name.replace(' ', '_')}_seed{seed}")
+            toyworld.write_folder(refs, images, captions)
+            grounds = [g for g in toyworld.RGB if g != concept[1] and g not in {a["background"] for a in ref_attrs}]
+            grounds = [g for g in grounds for _ in range(args.per_prompt)]
+            for method, (stage1_args, with_lora) in METHODS.items():
+                key = (name, seed, method)
+                folder = None
+                if stage1_args is not None:  # methods that share a stage 1 share its folder
+                    folder = os.path.join(args.out, "runs", f"{name.replace(' ', '_')}_seed{seed}",
+                                          "_".join(stage1_args).replace("-", "") or "default")
+                subject = name if folder is None else "<v>"
+                prompts = [f"a large {subject} on {toyworld.background_words(g)}, center" for g in grounds]
+                if key in done and not (c == 0 and seed == 0):
+                    continue
+                if folder is not None:
+                    personalise(args, refs, folder, stage1_args, with_lora, seed)
+                generated = draw(args, prompts, folder, with_lora, seed)
+                if c == 0 and seed == 0:
+                    pictures.append(generated[::args.per_prompt])
+                if key not in done:
+                    done[key] = {"concept": name, "seed": seed, "method": method,
+                                 **score(classifier, generated, concept, grounds, ref_attrs)}
+                    with open(results_path, "a") as f:
+                        f.write(json.dumps(done[key]) + "\n")
+                print(f"{name}, seed {seed}, {method}: " + ", ".join(f"{m} {done[key][m]:.2f}" for m in measures))
+            if c == 0 and seed == 0:
+                pictures.insert(0, toyworld.to_tensor(images) / 2 + 0.5)
+
+    # ---------------------------------------------------------------------------------------------
+    # the table: per seed the mean over concepts and images, then mean and spread over seeds
+    lines = [f"| method | {' | '.join(measures)} |", "|---" * (len(measures) + 1) + "|"]
+    for method in METHODS:
+        cells = []
+        for m in measures:
+            per_seed = [np.mean([r[m] for r in done.values() if r["method"] == method and r["seed"] == s])
+                        for s in range(args.seeds)]
+            cells.append(f"{np.mean(per_seed):.2f} ± {np.std(per_seed):.2f}")
+        lines.append(f"| {method} | {' | '.join(cells)} |")
+    table = "\n".join(lines)
+    setup = (f"{args.concepts} concepts x {args.seeds} seeds, {args.images} reference photos, stage 1 {args.steps} "
+             f"steps, stage 2 {args.stage2_steps} steps, {len(grounds)} images per run, DDIM {args.sample_steps}; "
+             f"mean ± std over seeds; higher is better for fidelity and alignment, lower for leakage")
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table + "\n\n" + setup + "\n")
+    columns = max(len(p) for p in pictures)
+    rows = [torch.cat([p, torch.ones(columns - len(p), *p.shape[1:])]) for p in pictures]
+    save_png(grid(torch.cat(rows), columns=columns), os.path.join(args.out, "grid.png"))
+    print(table + "\n\n" + setup)
+    print(f"{args.out}/table.md, {args.out}/grid.png (first concept, seed 0: references on top, then one row per "
+          f"method: {', '.join(METHODS)})")
+
+
+if __name__ == "__main__":
+    run.report_user_errors()
+    main()
