@@ -1,6 +1,6 @@
 """ToyBench: concept leakage counted exactly, on the toy world of model/toyworld.py.
 
-    python toybench.py                                          # 3 concepts x 3 seeds, ~40 min on 2 CPU cores
+    python toybench.py                                          # 3 concepts x 3 seeds, ~15 min on 2 CPU cores
     python toybench.py --concepts 1 --seeds 1 --steps 20 --stage2_steps 10 --sample_steps 10   # smoke
 
 For every held-out concept and seed it renders reference photos of the concept, each on a background
@@ -82,8 +82,10 @@ def personalise(args, refs, folder, stage1_args, with_lora, seed):
     """Train into `folder` (a finished stage is reused, so an interrupted benchmark resumes)."""
     common = ["--model", args.model, "--seed", str(seed), "--val_steps", "0"] + (
         ["--device", args.device] if args.device else [])
+
     def again(stage):  # continue a stage a killed benchmark left half done
-        return "--resume" if os.path.exists(os.path.join(folder, f"{stage}_checkpoint.safetensors")) else "--overwrite"
+        half_done = os.path.exists(os.path.join(folder, f"{stage}_checkpoint.safetensors"))
+        return "--resume" if half_done else "--overwrite"
 
     if not os.path.exists(os.path.join(folder, "DONE_stage1")):
         lr = ["--lr", str(args.lr)] if args.lr else []
@@ -110,7 +112,7 @@ def draw(args, prompts, folder, with_lora, seed):
 
 
 def score(classifier, images, concept, grounds, ref_attrs):
-    """The four measures of one method's images (see the module docstring), and each image's reading."""
+    """The four measures of one method's images (see the module docstring)."""
     read = classifier.predict(images * 2 - 1)
     ref_grounds = {a["background"] for a in ref_attrs}
     ref_corners = {a["position"] for a in ref_attrs}
