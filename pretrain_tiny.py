@@ -9,7 +9,10 @@ trained the way SD was, in two phases:
   1. the VAE: 64x64 images <-> 8x8x4 latents, squared-error reconstruction plus a small KL term (no
      perceptual or adversarial loss: flat shapes need neither; L1 was tried and learns far slower);
   2. the UNet and the text encoder together: epsilon loss on SD's noise schedule, captions dropped
-     10% of the time so that classifier-free guidance works.
+     10% of the time so that classifier-free guidance works, and half of the rest replaced by a loose
+     description of the same image (toyworld.loose_caption: some of its words, in any order), so that
+     the text encoder, like SD's, reads a word wherever it stands: personalisation prompts such as
+     "<v>" or "<v> <r_1> ... <r_8>" are not captions.
 The world's held-out objects (toyworld.HELD_OUT) never appear: they are what personalisation learns.
 Everything follows from --seed (world images from (seed, phase, step), noise from a generator whose
 state the checkpoints keep), so a run is reproducible and --resume continues it exactly.
@@ -55,7 +58,7 @@ EXAMPLE_PROMPTS = ["a large <v> on a white background, center", "a small <v> on 
                    "a large <v> on an orange gradient background, bottom left",
                    "a large <v> on a red background, center"]
 # The run's random streams, each seeded from (--seed, stream) so that none shares another's numbers.
-VAE_IMAGES, VAE_NOISE, POOL_IMAGES, SCALE_NOISE, UNET_NOISE, CHECK_IMAGES, PROMPTS = range(1, 8)
+VAE_IMAGES, VAE_NOISE, POOL_IMAGES, SCALE_NOISE, UNET_NOISE, CHECK_IMAGES, PROMPTS, LOOSE = range(1, 9)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -75,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--unet_batch", type=int, default=64, help="phase 2 latents per step")
     p.add_argument("--unet_lr", type=float, default=1e-3, help="phase 2 peak learning rate (warmup, cosine decay)")
     p.add_argument("--cfg_dropout", type=float, default=0.1, help="share of captions replaced by '' in phase 2")
+    p.add_argument("--loose", type=float, default=0.5, help="share of the other captions replaced by a loose "
+                   "description of the image (toyworld.loose_caption)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the phase 2 weights that are saved")
     p.add_argument("--vae_minutes", type=float, default=None, help="cut phase 1's steps to fit this many minutes")
     p.add_argument("--unet_minutes", type=float, default=None, help="cut phase 2's steps to fit this many minutes")
@@ -90,8 +95,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if min(args.vae_steps, args.vae_batch, args.pool, args.unet_steps, args.unet_batch, args.save_every) < 1:
         raise UserError("--vae_steps, --vae_batch, --pool, --unet_steps, --unet_batch and --save_every must be >= 1")
-    if not 0 <= args.cfg_dropout < 1 or not 0 <= args.ema < 1:
-        raise UserError("--cfg_dropout and --ema must be in [0, 1)")
+    if not 0 <= args.cfg_dropout < 1 or not 0 <= args.ema < 1 or not 0 <= args.loose <= 1:
+        raise UserError("--cfg_dropout and --ema must be in [0, 1), --loose in [0, 1]")
     return args
 
 
@@ -237,7 +242,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------------------------------------
     # phase 2: UNet + text encoder on a pool of latents encoded once
-    images, captions, _ = toyworld.batch(np.random.default_rng([args.seed, POOL_IMAGES]), args.pool)
+    images, captions, pool_attrs = toyworld.batch(np.random.default_rng([args.seed, POOL_IMAGES]), args.pool)
     pool_mean, pool_logvar = encode(vae_model, images, device)
     del images
     # SD's recipe: scale latents to unit variance (SD1.5's 0.18215 is 1/std of its VAE's latents).
@@ -260,6 +265,11 @@ def main(argv=None):
         abar = alphas[t].view(-1, 1, 1, 1)
         z_t = abar.sqrt() * z + (1 - abar).sqrt() * eps
         ids = torch.where(dropped[:, None], empty_ids, pool_ids[index])
+        # Loose descriptions, drawn from (seed, step) alone so that --resume replays them.
+        rng = np.random.default_rng([args.seed, LOOSE, step])
+        loose = [k for k in range(b) if rng.random() < args.loose and not dropped[k]]
+        if loose:
+            ids[loose] = tokenizer([toyworld.loose_caption(pool_attrs[int(index[k])], rng) for k in loose]).to(device)
         mse = F.mse_loss(unet_model(z_t, t, text_encoder(ids)), eps)
         return mse, {}
 
@@ -347,7 +357,8 @@ def write_card(args, sd, vae_steps, unet_steps, vae_psnr, following, minutes, pr
         *[f"- `{name}` config: `{json.dumps(asdict(getattr(sd, name).config))}`"
           for name in ("vae", "text_encoder", "unet")],
         f"- Data: {args.vae_steps * args.vae_batch:,} fresh world images for the VAE, a pool of {args.pool:,} "
-        f"encoded once for the UNet and text encoder, captions dropped {args.cfg_dropout:.0%} of the time",
+        f"encoded once for the UNet and text encoder, captions dropped {args.cfg_dropout:.0%} of the time and "
+        f"{args.loose:.0%} of the rest replaced by a loose description (some of the words, any order)",
         f"- Final losses (mean of the last 200 steps): VAE squared error {final_loss(args, 'vae', 'mse'):.5f}, "
         f"KL {final_loss(args, 'vae', 'kl'):.3f}; UNet epsilon loss {final_loss(args, 'unet'):.4f}",
         f"- Resolution {RESOLUTION}; VAE scaling factor {sd.vae.scaling_factor}; reconstruction PSNR "

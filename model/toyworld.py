@@ -89,6 +89,28 @@ def caption(attrs):
     return f"a {attrs['size']} {obj} on {ground}, {attrs['position']}"
 
 
+def loose_caption(attrs, rng):
+    """A partial description of the same image, as people write them: some of the object's words
+    (size, colour, pattern, shape; at least one), maybe the background, maybe the place, in any
+    order: "dotted heart", "on a blue background, a purple heart", "top left, a small star".
+
+    Why: SD's text encoder met every kind of phrasing, so a prompt of learned tokens alone ("<v>",
+    "<v> <r_1> ... <r_8>") still means something to it. A text encoder that only ever read the one
+    caption template means nothing by a word outside its slot, and personalisation fails there."""
+    words = [attrs["size"], attrs["colour"], attrs["pattern"], attrs["shape"]]
+    if attrs["pattern"] == "plain":
+        words[2] = None  # captions never name the plain pattern
+    keep = rng.random(4) < 0.6
+    words = [w for w, k in zip(words, keep) if w and k] or [attrs["shape"]]
+    phrases = [_with_article(" ".join(words)) if rng.random() < 0.5 else " ".join(words)]
+    if rng.random() < 0.5:
+        phrases.append("on " + background_words(attrs["background"], attrs["background_style"]))
+    if rng.random() < 0.5:
+        phrases.append(attrs["position"])
+    order = rng.permutation(len(phrases))
+    return ", ".join(phrases[k] for k in order)
+
+
 # -------------------------------------------------------------------------------------------------
 # rendering
 

@@ -40,6 +40,24 @@ def test_captions_read_like_the_issue_and_name_every_attribute():
     assert len({toyworld.caption(a) for a in every}) == len(every)
 
 
+def test_loose_captions_name_only_true_attributes_in_any_order():
+    rng = np.random.default_rng(0)
+    attrs = [toyworld.sample_attributes(rng) for _ in range(2000)]
+    loose = [toyworld.loose_caption(a, rng) for a in attrs]
+    for a, text in zip(attrs, loose):
+        words = set(text.replace(",", "").split())
+        assert words <= set(toyworld.caption(a).replace(",", "").split()) | {"an", "a"}, (text, a)
+        assert words - {"a", "an", "on", "background"}, text  # it says something
+    # Any phrase may come first, and one word may stand alone.
+    assert any(t.startswith("on ") for t in loose) and any(t.startswith(("top", "bottom", "center")) for t in loose)
+    assert any(t in toyworld.ATTRIBUTES["shape"] for t in loose)
+    assert any(t in toyworld.ATTRIBUTES["colour"] for t in loose)
+    assert len(set(loose)) > 1000  # varied, not a handful of templates
+    # Seeded: the same generator state gives the same descriptions (pretraining's --resume relies on it).
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    assert [toyworld.loose_caption(x, a) for x in attrs[:50]] == [toyworld.loose_caption(x, b) for x in attrs[:50]]
+
+
 def test_held_out_objects_never_reach_pretraining_but_their_parts_do():
     rng = np.random.default_rng(0)
     drawn = [toyworld.sample_attributes(rng) for _ in range(6000)]
@@ -52,6 +70,8 @@ def test_held_out_objects_never_reach_pretraining_but_their_parts_do():
     _, captions, attrs = toyworld.batch(np.random.default_rng(1), 300)
     names = [toyworld.concept_name(c) for c in toyworld.HELD_OUT]
     assert not any(name in c for c in captions for name in names)
+    loose = [toyworld.loose_caption(a, rng) for a in attrs]
+    assert not any(name in c for c in loose for name in names)
     everything = {(a["shape"], a["colour"], a["pattern"])
                   for a in (toyworld.sample_attributes(rng, held_out=()) for _ in range(6000))}
     assert set(toyworld.HELD_OUT) <= everything
