@@ -49,7 +49,7 @@ def main(argv=None):
     stage1 = meta.get("settings", {})
     sd = model.load(args.model or stage1.get("model") or model.DEFAULT_MODEL, device, dtype)
     resolution = stage1.get("resolution") or sd.resolution
-    sd.tokenizer.add_tokens([run.TARGET_TOKEN])  # the residual tokens stay out of inference
+    sd.tokenizer.add_multi_vector_token(run.TARGET_TOKEN, len(target))  # residual tokens stay out of inference
     lora_path = os.path.join(args.out, "lora.peft.safetensors")
     if os.path.exists(lora_path) and not args.no_lora:
         lora.load_lora(sd.unet, lora_path)

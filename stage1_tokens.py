@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
     p.add_argument("--weight_decay", type=float, default=1e-2, help="AdamW weight decay on the new vectors")
     p.add_argument("--beta", type=float, default=0.05, help="weight of the cross-image exclusion loss")
+    p.add_argument("--target_vectors", type=int, default=1, help="vectors <v> stands for (1 in both papers)")
     p.add_argument("--residuals", type=int, default=8, help="residual tokens per image (0: textual inversion, <v> alone)")
     p.add_argument("--dd_weight", type=float, default=0.0, help="ACCORD DDLoss weight (0 = off; paper: 0.1-0.3)")
     p.add_argument("--dd_space", choices=["xprev", "eps"], default="xprev", help="DDLoss in posterior-mean or eps space")
@@ -63,8 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--nan_at_step", type=int, default=None, help=argparse.SUPPRESS)  # fault-injection for tests
     args = p.parse_args(argv)
-    if args.steps < 1 or args.lr <= 0 or min(args.beta, args.dd_weight, args.pd_weight, args.residuals) < 0:
-        raise model.UserError("--steps must be >= 1, --lr > 0, --residuals and the loss weights >= 0")
+    if args.steps < 1 or args.target_vectors < 1 or args.lr <= 0 or \
+            min(args.beta, args.dd_weight, args.pd_weight, args.residuals) < 0:
+        raise model.UserError("--steps and --target_vectors must be >= 1, --lr > 0, --residuals and the loss "
+                              "weights >= 0")
     if args.residuals == 0 and args.dd_weight > 0:
         raise model.UserError("--dd_weight needs residual tokens (its conditions include <r_i>); use --residuals > 0")
     if args.pd_weight > 0 and not args.superclass:
@@ -173,12 +176,14 @@ def main(argv=None):
 
     # The new tokens: ids after the frozen table, vectors in their own fp32 parameters.
     residual_tokens = run.residual_names(n, args.residuals)
-    sd.tokenizer.add_tokens([run.TARGET_TOKEN] + sum(residual_tokens, []))
+    sd.tokenizer.add_multi_vector_token(run.TARGET_TOKEN, args.target_vectors)
+    sd.tokenizer.add_tokens(sum(residual_tokens, []))
     encoder = sd.text_encoder
     with torch.no_grad():
         table = encoder.embeddings.token_embedding.weight.float()
         init_gen = torch.Generator().manual_seed(args.seed)
-        target0 = table.mean(0) + table.std(0) * torch.randn(table.shape[1], generator=init_gen).to(table.device)
+        target0 = table.mean(0) + table.std(0) * torch.randn(args.target_vectors, table.shape[1],
+                                                             generator=init_gen).to(table.device)
         # Residuals start at the mean of the caption's contextual embeddings (BOS < position < first EOS).
         ids = sd.tokenizer([c or NEUTRAL_CAPTION for c in captions]).to(device)  # an empty caption has no tokens
         hidden = encoder(ids).float()
@@ -186,7 +191,7 @@ def main(argv=None):
         first_eos = (ids == sd.tokenizer.eos_id).int().argmax(1, keepdim=True)
         inside = (position > 0) & (position < first_eos)
         mean = (hidden * inside[..., None]).sum(1) / inside.sum(1, keepdim=True).clamp(min=1)
-    target = torch.nn.Parameter(target0[None].to(device))
+    target = torch.nn.Parameter(target0.to(device))
     residual = torch.nn.Parameter(mean[:, None].repeat(1, args.residuals, 1).contiguous())
     params = {"target": target, "residual": residual}
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
@@ -259,7 +264,8 @@ def main(argv=None):
     # ---------------------------------------------------------------------------------------------
     # save
     run.save_tokens(args.out, target, residual, {
-        "format": "conceptprism-tokens-v1", "target_token": run.TARGET_TOKEN, "images": refs.names,
+        "format": "conceptprism-tokens-v1", "target_token": run.TARGET_TOKEN, "target_vectors": args.target_vectors,
+        "images": refs.names,
         "captions": captions, "residuals_per_image": args.residuals, "steps": args.steps,
         "settings": settings})
     run.save_checkpoint(checkpoint_path, params, optimizer, generator, args.steps, {"settings": json.dumps(settings)})

@@ -71,7 +71,8 @@ def main(argv=None):
                               f"from ({len(meta['images'])} files: {', '.join(meta['images'][:3])}, ...)")
     n, per_image = residual.shape[:2]
     residual_tokens = run.residual_names(n, per_image)
-    sd.tokenizer.add_tokens([run.TARGET_TOKEN] + sum(residual_tokens, []))
+    sd.tokenizer.add_multi_vector_token(run.TARGET_TOKEN, len(target))
+    sd.tokenizer.add_tokens(sum(residual_tokens, []))
     extra = torch.cat([target, residual.flatten(0, 1)]).to(device, dtype)
     with_dd = args.dd_weight > 0
 

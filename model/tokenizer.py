@@ -19,6 +19,7 @@ import gzip
 import importlib.util
 import json
 import os
+import re
 
 import torch
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
@@ -100,6 +101,7 @@ class Tokenizer:
         tok.add_special_tokens([AddedToken(BOS, special=True, normalized=False),
                                 AddedToken(EOS, special=True, normalized=False)])
         self.backend = tok
+        self.vectors = {}  # multi-vector tokens: "<v>" -> "<v> <v>_1 <v>_2" wherever a prompt says "<v>"
 
     @classmethod
     def from_clip_bpe(cls, path=None):
@@ -143,9 +145,24 @@ class Tokenizer:
             ids.append(self.backend.token_to_id(content))
         return ids
 
+    def add_multi_vector_token(self, token, n):
+        """A token that stands for n vectors, as in textual inversion with n vectors: "<v>" and, for
+        n > 1, "<v>_1" ... "<v>_{n-1}" (diffusers' names), and "<v>" in a prompt is read as all n in
+        a row. Returns the n ids, in order."""
+        names = [token] + [f"{token}_{k}" for k in range(1, n)]
+        ids = self.add_tokens(names)
+        if n > 1:
+            self.vectors[token] = " ".join(names)
+        return ids
+
+    def expand(self, text):
+        for token, names in self.vectors.items():
+            text = re.sub(re.escape(token) + r"(?!_\d)", names, text, flags=re.IGNORECASE)
+        return text
+
     def token_ids(self, text):
         """The prompt's ids without BOS, EOS, padding or truncation."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+        return self.backend.encode(self.expand(text), add_special_tokens=False).ids
 
     def count(self, text):
         """How many tokens the prompt uses; above `max_prompt_tokens` the end is cut."""
@@ -160,7 +177,8 @@ class Tokenizer:
         if isinstance(texts, str):
             texts = [texts]
         out = torch.full((len(texts), self.length), self.eos_id, dtype=torch.int64)
-        for row, encoding in enumerate(self.backend.encode_batch(list(texts), add_special_tokens=False)):
+        texts = [self.expand(t) for t in texts]
+        for row, encoding in enumerate(self.backend.encode_batch(texts, add_special_tokens=False)):
             ids = [self.bos_id] + encoding.ids[:self.max_prompt_tokens] + [self.eos_id]
             out[row, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
         return out

@@ -186,6 +186,33 @@ def test_diffusers_loads_our_token_and_lora(finished_run, tiny_model, pipe):
         pipe.unload_lora_weights()
 
 
+def test_multi_vector_target_runs_and_loads_in_diffusers(tiny_model, pipe, tmp_path):
+    """--target_vectors 3: <v> in a prompt stands for three learned vectors, through stage 2 and
+    sampling, and diffusers' load_textual_inversion reads the [3, D] export the same way."""
+    out = str(tmp_path / "out")
+    script("stage1_tokens.py", "--images", photo_folder(tmp_path / "photos"), "--model", tiny_model, "--out", out,
+           "--steps", 3, "--target_vectors", 3, "--dd_weight", 0.1, "--val_steps", 2)
+    script("stage2_lora.py", "--out", out, "--steps", 2, "--val_steps", 0)
+    script("sample.py", "--out", out, "--n", 1, "--steps", 2, "--prompt", "a photo of <v> on the beach")
+    target, residual, meta = run.load_tokens(out)
+    assert target.shape == (3, 32) and residual.shape == (3, 8, 32) and meta["target_vectors"] == 3
+    assert not torch.equal(target[0], target[1])  # three vectors of their own, each trained
+    sd = model.load(tiny_model)
+    assert sd.tokenizer.add_multi_vector_token("<v>", 3) == [49408, 49409, 49410]
+    prompt = "a photo of <v> on the beach"
+    assert sd.tokenizer([prompt])[0, 4:7].tolist() == [49408, 49409, 49410]
+    pipe.load_textual_inversion(os.path.join(out, "v.diffusers.safetensors"), token="<v>")
+    ids = pipe.tokenizer([pipe.maybe_convert_prompt(prompt, pipe.tokenizer)], padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    assert torch.equal(ids, sd.tokenizer([prompt]))
+    with torch.no_grad():
+        assert rel_err(sd.text_encoder(ids, extra_embeddings=target), pipe.text_encoder(ids).last_hidden_state) <= 1e-5
+    pipe.unload_textual_inversion()
+    assert_one_line_error(script("stage1_tokens.py", "--images", photo_folder(tmp_path / "photos"), "--model",
+                                 tiny_model, "--out", str(tmp_path / "bad"), "--target_vectors", 0, check=False),
+                          "--target_vectors")
+
+
 def test_resume_is_exact(tiny_model, tmp_path):
     """4 steps in one run == 2 steps, a stop (here: an injected NaN), --resume, 2 more."""
     images = photo_folder(tmp_path / "photos")
