@@ -9,7 +9,8 @@ model with each method below, then asks for the concept somewhere new: "a large 
 background, center" for every background colour no reference used. The attribute classifier reads
 every generated image:
 
-  fidelity   the concept is drawn: share of its shape, colour and pattern the classifier finds
+  fidelity   the concept is drawn: share of its shape, colour and pattern the classifier finds (and
+             each of the three on its own)
   alignment  the prompt is followed: the prompted background colour is there
   leak bg    a reference photo's background colour is there instead
   leak pos   the object sits in a reference photo's corner, although the prompt says center
@@ -43,6 +44,8 @@ METHODS = {  # name: stage-1 arguments (None: no learning), LoRA stage after it
     "+ DDLoss": (["--dd_weight", "0.1"], False),
     "+ DDLoss + LoRA stage": (["--dd_weight", "0.1"], True),
 }
+CONCEPT_PARTS = ("shape", "colour", "pattern")  # what a held-out concept is made of, in HELD_OUT's order
+MEASURES = ("fidelity", *CONCEPT_PARTS, "alignment", "leak bg", "leak pos")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -59,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=4, help="reference photos per concept")
     p.add_argument("--steps", type=int, default=200, help="stage-1 steps")
     p.add_argument("--lr", type=float, default=None, help="stage-1 learning rate (default: stage 1's)")
+    p.add_argument("--target_vectors", type=int, default=1, help="vectors <v> stands for, in every method")
     p.add_argument("--stage2_steps", type=int, default=120, help="stage-2 steps")
     p.add_argument("--per_prompt", type=int, default=4, help="images generated per prompt")
     p.add_argument("--sample_steps", type=int, default=50, help="DDIM steps")
@@ -68,8 +72,9 @@ def parse_args(argv=None):
         raise model.UserError(f"--concepts must be 1 to {len(toyworld.HELD_OUT)}")
     if not 2 <= args.images <= 6:
         raise model.UserError("--images must be 2 to 6 (exclusion needs two; the method is meant for a few photos)")
-    if min(args.seeds, args.steps, args.stage2_steps, args.per_prompt, args.sample_steps) < 1:
-        raise model.UserError("--seeds, --steps, --stage2_steps, --per_prompt and --sample_steps must be >= 1")
+    if min(args.seeds, args.steps, args.stage2_steps, args.per_prompt, args.sample_steps, args.target_vectors) < 1:
+        raise model.UserError("--seeds, --steps, --stage2_steps, --per_prompt, --sample_steps and --target_vectors "
+                              "must be >= 1")
     if not os.path.exists(args.classifier):
         raise model.UserError(f"no classifier at {args.classifier}; train one with python train_classifier.py")
     return args
@@ -89,8 +94,8 @@ def personalise(args, refs, folder, stage1_args, with_lora, seed):
 
     if not os.path.exists(os.path.join(folder, "DONE_stage1")):
         lr = ["--lr", str(args.lr)] if args.lr else []
-        stage1_tokens.main(["--images", refs, "--out", folder, "--steps", str(args.steps), again("stage1")]
-                           + lr + stage1_args + common)
+        stage1_tokens.main(["--images", refs, "--out", folder, "--steps", str(args.steps), "--target_vectors",
+                            str(args.target_vectors), again("stage1")] + lr + stage1_args + common)
     if with_lora and not os.path.exists(os.path.join(folder, "DONE_stage2")):
         stage2_lora.main(["--out", folder, "--steps", str(args.stage2_steps), again("stage2")] + common)
 
@@ -103,7 +108,7 @@ def draw(args, prompts, folder, with_lora, seed):
     if folder is not None:
         target, _, _ = run.load_tokens(folder)
         target = target.to(device, dtype)
-        sd.tokenizer.add_tokens([run.TARGET_TOKEN])
+        sd.tokenizer.add_multi_vector_token(run.TARGET_TOKEN, len(target))
         if with_lora:
             lora.load_lora(sd.unet, os.path.join(folder, "lora.peft.safetensors"))
             lora.merge_lora(sd.unet)
@@ -112,14 +117,13 @@ def draw(args, prompts, folder, with_lora, seed):
 
 
 def score(classifier, images, concept, grounds, ref_attrs):
-    """The four measures of one method's images (see the module docstring)."""
+    """The measures of one method's images (see the module docstring)."""
     read = classifier.predict(images * 2 - 1)
     ref_grounds = {a["background"] for a in ref_attrs}
     ref_corners = {a["position"] for a in ref_attrs}
     n = len(images)
-    concept_hits = [np.mean([read[k][i] == v for k, v in zip(("shape", "colour", "pattern"), concept)])
-                    for i in range(n)]
-    return {"fidelity": float(np.mean(concept_hits)),
+    parts = {k: float(np.mean([read[k][i] == v for i in range(n)])) for k, v in zip(CONCEPT_PARTS, concept)}
+    return {"fidelity": float(np.mean(list(parts.values()))), **parts,
             "alignment": float(np.mean([read["background"][i] == grounds[i] for i in range(n)])),
             "leak bg": float(np.mean([read["background"][i] in ref_grounds for i in range(n)])),
             "leak pos": float(np.mean([read["position"][i] in ref_corners for i in range(n)]))}
@@ -138,9 +142,9 @@ def main(argv=None):
         with open(results_path) as f:
             for line in f:
                 r = json.loads(line)
-                done[(r["concept"], r["seed"], r["method"])] = r
+                if all(m in r for m in MEASURES):  # rows of an older ToyBench are measured again
+                    done[(r["concept"], r["seed"], r["method"])] = r
     classifier = toyworld.load_classifier(args.classifier)
-    measures = ("fidelity", "alignment", "leak bg", "leak pos")
     pictures = []  # the first concept and seed: references, then a row of images per method
 
     for c, concept in enumerate(toyworld.HELD_OUT[:args.concepts]):
@@ -171,23 +175,23 @@ def main(argv=None):
                                  **score(classifier, generated, concept, grounds, ref_attrs)}
                     with open(results_path, "a") as f:
                         f.write(json.dumps(done[key]) + "\n")
-                print(f"{name}, seed {seed}, {method}: " + ", ".join(f"{m} {done[key][m]:.2f}" for m in measures))
+                print(f"{name}, seed {seed}, {method}: " + ", ".join(f"{m} {done[key][m]:.2f}" for m in MEASURES))
             if c == 0 and seed == 0:
                 pictures.insert(0, toyworld.to_tensor(images) / 2 + 0.5)
 
     # ---------------------------------------------------------------------------------------------
     # the table: per seed the mean over concepts and images, then mean and spread over seeds
-    lines = [f"| method | {' | '.join(measures)} |", "|---" * (len(measures) + 1) + "|"]
+    lines = [f"| method | {' | '.join(MEASURES)} |", "|---" * (len(MEASURES) + 1) + "|"]
     for method in METHODS:
         cells = []
-        for m in measures:
+        for m in MEASURES:
             per_seed = [np.mean([r[m] for r in done.values() if r["method"] == method and r["seed"] == s])
                         for s in range(args.seeds)]
             cells.append(f"{np.mean(per_seed):.2f} ± {np.std(per_seed):.2f}")
         lines.append(f"| {method} | {' | '.join(cells)} |")
     table = "\n".join(lines)
-    setup = (f"{args.concepts} concepts x {args.seeds} seeds, {args.images} reference photos, stage 1 {args.steps} "
-             f"steps, stage 2 {args.stage2_steps} steps, {len(grounds)} images per run, DDIM {args.sample_steps}; "
+    setup = (f"{args.concepts} concepts x {args.seeds} seeds, {args.images} reference photos, <v> of "
+             f"{args.target_vectors} vector{'s' * (args.target_vectors > 1)}, stage 1 {args.steps} steps, stage 2 {args.stage2_steps} steps, {len(grounds)} images per run, DDIM {args.sample_steps}; "
              f"mean ± std over seeds; higher is better for fidelity and alignment, lower for leakage")
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n\n" + setup + "\n")
