@@ -1,6 +1,6 @@
 """ToyBench: concept leakage counted exactly, on the toy world of model/toyworld.py.
 
-    python toybench.py                                          # 3 concepts x 3 seeds, ~15 min on 2 CPU cores
+    python toybench.py                                          # 3 concepts x 3 seeds, ~13 min on 2 CPU cores
     python toybench.py --concepts 1 --seeds 1 --steps 20 --stage2_steps 10 --sample_steps 10   # smoke
 
 For every held-out concept and seed it renders reference photos of the concept, each on a background
@@ -16,9 +16,10 @@ every generated image:
   leak pos   the object sits in a reference photo's corner, although the prompt says center
 
 Methods, each row adding one thing: "<v> alone" (textual inversion), ConceptPrism stage 1 with beta 0
-(residual tokens, no exclusion), ConceptPrism stage 1, + ACCORD's DDLoss, + the stage-2 LoRA. A
-"words" row asks for the concept by name ("purple dotted heart"): pretraining never showed those
-combinations, so it is the score of describing the subject instead of learning it.
+(residual tokens, no exclusion), ConceptPrism stage 1, + ACCORD's DDLoss, + the stage-2 LoRA; then
+ConceptPrism stage 1 with a one-vector <v> (the papers' choice for SD) against the three vectors every
+other row uses. A "words" row asks for the concept by name ("purple dotted heart"): pretraining never
+showed those combinations, so it is the score of describing the subject instead of learning it.
 
 Results are appended to <out>/results.jsonl as each run finishes, so a killed benchmark continues where
 it stopped; the table (mean and spread over seeds) goes to <out>/table.md and a picture to <out>/grid.png.
@@ -43,6 +44,7 @@ METHODS = {  # name: stage-1 arguments (None: no learning), LoRA stage after it
     "ConceptPrism stage 1": ([], False),
     "+ DDLoss": (["--dd_weight", "0.1"], False),
     "+ DDLoss + LoRA stage": (["--dd_weight", "0.1"], True),
+    "ConceptPrism stage 1, <v> of 1 vector": (["--target_vectors", "1"], False),
 }
 CONCEPT_PARTS = ("shape", "colour", "pattern")  # what a held-out concept is made of, in HELD_OUT's order
 MEASURES = ("fidelity", *CONCEPT_PARTS, "alignment", "leak bg", "leak pos")
@@ -60,9 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--concepts", type=int, default=3, help="how many of the held-out concepts (at most 5)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per concept: reference photos, training, sampling")
     p.add_argument("--images", type=int, default=4, help="reference photos per concept")
-    p.add_argument("--steps", type=int, default=200, help="stage-1 steps")
+    p.add_argument("--steps", type=int, default=400, help="stage-1 steps (the README's first command's)")
     p.add_argument("--lr", type=float, default=None, help="stage-1 learning rate (default: stage 1's)")
-    p.add_argument("--target_vectors", type=int, default=1, help="vectors <v> stands for, in every method")
+    p.add_argument("--target_vectors", type=int, default=3, help="vectors <v> stands for (the README's first "
+                   "command's: one per attribute the toy model's words name)")
     p.add_argument("--stage2_steps", type=int, default=120, help="stage-2 steps")
     p.add_argument("--per_prompt", type=int, default=4, help="images generated per prompt")
     p.add_argument("--sample_steps", type=int, default=50, help="DDIM steps")

@@ -42,15 +42,24 @@ def test_demo_folder_is_toybench_first_reference_set():
     assert len(os.listdir(DEMO)) == 8
 
 
+def readme_main_command():
+    """The stage-1 arguments of the README's first set-up command, as written there."""
+    line = next(line for line in open(os.path.join(ROOT, "README.md")) if "python stage1_tokens.py" in line)
+    return line.split("python stage1_tokens.py", 1)[1].split()
+
+
 def test_main_command_runs_on_the_default_model(tmp_path):
     """README's first command, with few steps, then stage 2 and sample.py: no --model anywhere."""
     out = str(tmp_path / "demo")
-    script("stage1_tokens.py", "--images", DEMO, "--out", out, "--steps", 4, "--val_steps", 2)
+    argv = readme_main_command()
+    assert argv[:2] == ["--images", "examples/purple_dotted_heart"] and "--model" not in argv
+    script("stage1_tokens.py", *argv, "--out", out, "--steps", 4, "--val_steps", 2)
     script("stage2_lora.py", "--out", out, "--steps", 2, "--val_steps", 2)
     script("sample.py", "--out", out, "--n", 1, "--steps", 2)
     target, residual, meta = run.load_tokens(out)
     width = model.load(model.DEFAULT_MODEL).text_encoder.config.width
-    assert target.shape == (1, width) and residual.shape == (4, 8, width)
+    vectors = int(argv[argv.index("--target_vectors") + 1]) if "--target_vectors" in argv else 1
+    assert target.shape == (vectors, width) and residual.shape == (4, 8, width)
     assert meta["settings"]["model"] == model.DEFAULT_MODEL
     for name in ("stage1_grid.png", "stage2_grid.png", "lora.peft.safetensors", "samples/grid.png"):
         assert os.path.exists(os.path.join(out, name)), name
