@@ -265,8 +265,7 @@ def main(argv=None):
     # save
     run.save_tokens(args.out, target, residual, {
         "format": "conceptprism-tokens-v1", "target_token": run.TARGET_TOKEN, "target_vectors": args.target_vectors,
-        "images": refs.names,
-        "captions": captions, "residuals_per_image": args.residuals, "steps": args.steps,
+        "images": refs.names, "captions": captions, "residuals_per_image": args.residuals, "steps": args.steps,
         "settings": settings})
     run.save_checkpoint(checkpoint_path, params, optimizer, generator, args.steps, {"settings": json.dumps(settings)})
     if args.val_steps > 0:

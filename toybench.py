@@ -194,8 +194,9 @@ def main(argv=None):
         lines.append(f"| {method} | {' | '.join(cells)} |")
     table = "\n".join(lines)
     setup = (f"{args.concepts} concepts x {args.seeds} seeds, {args.images} reference photos, <v> of "
-             f"{args.target_vectors} vector{'s' * (args.target_vectors > 1)}, stage 1 {args.steps} steps, stage 2 {args.stage2_steps} steps, {len(grounds)} images per run, DDIM {args.sample_steps}; "
-             f"mean ± std over seeds; higher is better for fidelity and alignment, lower for leakage")
+             f"{args.target_vectors} vector{'s' * (args.target_vectors > 1)}, stage 1 {args.steps} steps, stage 2 "
+             f"{args.stage2_steps} steps, {len(grounds)} images per run, DDIM {args.sample_steps}; mean ± std over "
+             f"seeds; higher is better for fidelity and alignment, lower for leakage")
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n\n" + setup + "\n")
     columns = max(len(p) for p in pictures)

@@ -156,6 +156,7 @@ class Tokenizer:
         return ids
 
     def expand(self, text):
+        """The prompt with every multi-vector token written out ("<v>" -> "<v> <v>_1 <v>_2")."""
         for token, names in self.vectors.items():
             text = re.sub(re.escape(token) + r"(?!_\d)", names, text, flags=re.IGNORECASE)
         return text
