@@ -189,8 +189,8 @@ def test_diffusers_loads_our_token_and_lora(finished_run, tiny_model, pipe):
 def test_multi_vector_target_runs_and_loads_in_diffusers(tiny_model, pipe, tmp_path):
     """--target_vectors 3: <v> in a prompt stands for three learned vectors, through stage 2 and
     sampling, and diffusers' load_textual_inversion reads the [3, D] export the same way."""
-    out = str(tmp_path / "out")
-    script("stage1_tokens.py", "--images", photo_folder(tmp_path / "photos"), "--model", tiny_model, "--out", out,
+    out, images = str(tmp_path / "out"), photo_folder(tmp_path / "photos")
+    script("stage1_tokens.py", "--images", images, "--model", tiny_model, "--out", out,
            "--steps", 3, "--target_vectors", 3, "--dd_weight", 0.1, "--val_steps", 2)
     script("stage2_lora.py", "--out", out, "--steps", 2, "--val_steps", 0)
     script("sample.py", "--out", out, "--n", 1, "--steps", 2, "--prompt", "a photo of <v> on the beach")
@@ -208,9 +208,8 @@ def test_multi_vector_target_runs_and_loads_in_diffusers(tiny_model, pipe, tmp_p
     with torch.no_grad():
         assert rel_err(sd.text_encoder(ids, extra_embeddings=target), pipe.text_encoder(ids).last_hidden_state) <= 1e-5
     pipe.unload_textual_inversion()
-    assert_one_line_error(script("stage1_tokens.py", "--images", photo_folder(tmp_path / "photos"), "--model",
-                                 tiny_model, "--out", str(tmp_path / "bad"), "--target_vectors", 0, check=False),
-                          "--target_vectors")
+    assert_one_line_error(script("stage1_tokens.py", "--images", images, "--model", tiny_model, "--out",
+                                 str(tmp_path / "bad"), "--target_vectors", 0, check=False), "--target_vectors")
 
 
 def test_resume_is_exact(tiny_model, tmp_path):
