@@ -15,5 +15,5 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     """A tiny random diffusers StableDiffusionPipeline (one per test module: tests load LoRAs into it)."""
-    from tests import tiny
-    return tiny.pipeline(str(tmp_path_factory.mktemp("pipe")))
+    from tests import helpers
+    return helpers.pipeline(str(tmp_path_factory.mktemp("pipe")))

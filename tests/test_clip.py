@@ -7,6 +7,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from model import clip as C
+from tests.helpers import randomize, rel_err
 
 TINY_TRANSFORMERS = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu")
@@ -16,18 +17,9 @@ SD15_TRANSFORMERS = dict(vocab_size=49408, hidden_size=768, intermediate_size=30
 PREFIX = "cond_stage_model.transformer.text_model."
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
 
 def random_text_model(layout):
-    """Default init leaves LayerNorms at 1/0 and biases at 0: perturb them so every tensor matters."""
-    t = CLIPTextModel(CLIPTextConfig(**layout)).eval()
-    with torch.no_grad():
-        for p in t.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return t
+    return randomize(CLIPTextModel(CLIPTextConfig(**layout)))
 
 
 def ours_from(t, cfg):

@@ -1,13 +1,13 @@
 """The Triton kernels against their plain-torch references, forward and backward, on random
 inputs at sizes that do not divide the tiles. Without a GPU they run under Triton's interpreter
 (tests/conftest.py sets TRITON_INTERPRET=1), so the CPU shapes are small. The judging rule is in
-tests/kernel_check.py."""
+tests/helpers.py."""
 import pytest
 import torch
 
 from kernels import attention, attention_ref, geglu, geglu_ref, group_norm_silu, group_norm_silu_ref
 from model import ops
-from tests.kernel_check import CUDA, DEVICE, DTYPES, assert_close_as_torch, rel_err
+from tests.helpers import CUDA, DEVICE, DTYPES, assert_close_as_torch, rel_err
 
 
 def outputs_and_grads(fn, inputs, grad_out, **kwargs):

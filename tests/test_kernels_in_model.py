@@ -5,16 +5,12 @@ import torch
 import stage1_tokens
 from model import ops, unet
 from model.schedule import alphas_cumprod
-from tests.kernel_check import DEVICE, assert_close_as_torch, rel_err
+from tests.helpers import DEVICE, assert_close_as_torch, randomize, rel_err
 
 
 def random_unet(device, dtype):
     torch.manual_seed(0)
-    model = unet.UNet(unet.TINY)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
+    model = randomize(unet.UNet(unet.TINY))
     return model.to(device, dtype).eval().requires_grad_(False)
 
 

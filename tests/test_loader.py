@@ -12,18 +12,16 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
 
 import model
 from model.errors import UserError
-from tests import tiny
+from tests import helpers
+from tests.helpers import rel_err
 
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")
 def files(pipe, tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {"single": tiny.write_single_file(pipe, str(root / "tiny.safetensors")),
-            "diffusers": tiny.write_diffusers_folder(pipe, str(root / "tiny_diffusers"))}
+    return {"single": helpers.write_single_file(pipe, str(root / "tiny.safetensors")),
+            "diffusers": helpers.write_diffusers_folder(pipe, str(root / "tiny_diffusers"))}
 
 
 def check_outputs(sd, pipe):
@@ -56,7 +54,7 @@ def test_both_layouts_match_diffusers(files, pipe, layout):
 
 
 def test_diffusers_converters_map_our_single_file_back(pipe):
-    original = tiny.original_state_dict(pipe, with_extras=False)
+    original = helpers.original_state_dict(pipe, with_extras=False)
     unet_back = convert_ldm_unet_checkpoint(original, dict(pipe.unet.config))
     vae_back = convert_ldm_vae_checkpoint(original, dict(pipe.vae.config))
     clip_back = convert_ldm_clip_checkpoint(original)
@@ -71,7 +69,7 @@ def test_diffusers_converters_map_our_single_file_back(pipe):
 
 
 def test_text_encoder_keys_without_text_model_prefix(pipe, tmp_path):
-    folder = tiny.write_diffusers_folder(pipe, str(tmp_path / "m"))
+    folder = helpers.write_diffusers_folder(pipe, str(tmp_path / "m"))
     te = os.path.join(folder, "text_encoder", "model.safetensors")
     from safetensors.torch import load_file, save_file
     weights = load_file(te)
@@ -139,7 +137,7 @@ def test_not_safetensors(tmp_path):
 
 
 def test_missing_keys(pipe, tmp_path):
-    weights = tiny.original_state_dict(pipe)
+    weights = helpers.original_state_dict(pipe)
     for key in [k for k in weights if ".attn2." in k][:5]:
         del weights[key]
     path = tmp_path / "missing.safetensors"
@@ -150,7 +148,7 @@ def test_missing_keys(pipe, tmp_path):
 
 
 def test_unexpected_keys(pipe, tmp_path):
-    weights = tiny.original_state_dict(pipe)
+    weights = helpers.original_state_dict(pipe)
     weights["model.diffusion_model.extra_head.weight"] = torch.randn(3)
     weights["something_else"] = torch.randn(3)
     path = tmp_path / "unexpected.safetensors"

@@ -11,20 +11,18 @@ from safetensors.torch import save_file
 from model import lora
 from model import unet as U
 from model.errors import UserError
-from tests import tiny
+from tests import helpers
+from tests.helpers import rel_err
 
 LAYOUTS = ["peft", "kohya"]
 RANK_ALPHA = [(4, 4.0), (4, 8.0)]  # scale 1, and alpha != rank, which the peft layout keeps in metadata
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
 
 def tiny_unet(seed=0, cfg=U.TINY):
     torch.manual_seed(seed)
     net = U.UNet(cfg).eval()
-    tiny.randomize(net)
+    helpers.randomize(net)
     return net
 
 

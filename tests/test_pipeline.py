@@ -4,13 +4,13 @@ import torch
 
 import model
 from model.generate import encode_prompts
-from tests import tiny
+from tests import helpers
 
 
 @pytest.mark.parametrize("steps", [50, 20])
 def test_guided_sampling_equals_stable_diffusion_pipeline(tmp_path, steps):
-    pipe = tiny.pipeline(str(tmp_path / "tok"))
-    sd = model.load(tiny.write_single_file(pipe, str(tmp_path / "tiny.safetensors")))
+    pipe = helpers.pipeline(str(tmp_path / "tok"))
+    sd = model.load(helpers.write_single_file(pipe, str(tmp_path / "tiny.safetensors")))
     prompts = ["a photograph of an astronaut riding a horse", "a red striped star on a blue background"]
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

@@ -14,14 +14,12 @@ from safetensors.torch import load_file
 import model
 import stage1_tokens
 from model import lora, run
-from tests import tiny
+from tests import helpers
+from tests.helpers import rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESOLUTION = 32
 
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def script(name, *args, check=True):
@@ -62,7 +60,7 @@ def photo_folder(path, n=3, captions=True):
 def tiny_model(pipe, tmp_path_factory):
     """The tiny pipeline's weights as one of our single files (configs in its metadata)."""
     root = tmp_path_factory.mktemp("model")
-    sd = model.load(tiny.write_diffusers_folder(pipe, str(root / "diffusers")))
+    sd = model.load(helpers.write_diffusers_folder(pipe, str(root / "diffusers")))
     path = str(root / "tiny.safetensors")
     model.save(sd, path, resolution=RESOLUTION)
     return path

@@ -5,6 +5,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from model import unet as U
+from tests.helpers import randomize, rel_err
 
 TINY_DIFFUSERS = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
                       down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -14,18 +15,6 @@ SMALL_DIFFUSERS = dict(sample_size=8, block_out_channels=(32, 64, 64), layers_pe
                        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                        attention_head_dim=4)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def randomize(model):
-    """Default init leaves norms at 1/0 and some biases at 0: make every tensor matter."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
 
 
 def ours_from(d):

@@ -5,6 +5,7 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from model import vae as V
+from tests.helpers import randomize, rel_err
 
 TINY_DIFFUSERS = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                       up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1)
@@ -13,18 +14,9 @@ SD15_DIFFUSERS = dict(block_out_channels=(128, 256, 512, 512), down_block_types=
                       sample_size=512)
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
 
 def random_diffusers_vae(layout):
-    """Default init leaves norms at 1/0 and some biases at 0: perturb them so every tensor matters."""
-    d = AutoencoderKL(**layout).eval()
-    with torch.no_grad():
-        for p in d.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return d
+    return randomize(AutoencoderKL(**layout))
 
 
 def original_layout(d, cfg):
