@@ -2,15 +2,16 @@
 
 Module paths follow the original (CompVis) checkpoint under `model.diffusion_model.`:
 `input_blocks.N.M`, `middle_block.M`, `output_blocks.N.M`, `time_embed`, `out`, so an original
-single file loads by name. `diffusers_name` is the one explicit map from diffusers' names.
+single file loads by name. One table (`_name_table`) maps diffusers' names to these and back.
 
 For the batched multi-condition training step the UNet also takes a small table of distinct
 conditions plus a per-row index (`context_index`): the cross-attention K/V projections then run
 once per condition instead of once per row.
 """
+import functools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 import torch.nn as nn
@@ -152,7 +153,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class Step(nn.ModuleList):
+class TimestepEmbedSequential(nn.ModuleList):
     """One numbered entry of input_blocks / output_blocks: a ResBlock, then optional layers."""
 
     def forward(self, x, temb, context, context_index):
@@ -177,7 +178,7 @@ class UNet(nn.Module):
         def transformer(ch, level):
             return SpatialTransformer(ch, cfg.num_heads[level], cfg.context_dim, groups, cfg.linear_proj)
 
-        self.input_blocks = nn.ModuleList([Step([nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)])])
         skip_channels, ch = [ch0], ch0
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
@@ -185,14 +186,14 @@ class UNet(nn.Module):
                 ch = ch0 * mult
                 if level in cfg.attention_levels:
                     layers.append(transformer(ch, level))
-                self.input_blocks.append(Step(layers))
+                self.input_blocks.append(TimestepEmbedSequential(layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(Step([Downsample(ch)]))
+                self.input_blocks.append(TimestepEmbedSequential([Downsample(ch)]))
                 skip_channels.append(ch)
 
         last = len(cfg.channel_mult) - 1
-        self.middle_block = Step([ResBlock(ch, ch, temb_dim, groups), transformer(ch, last),
+        self.middle_block = TimestepEmbedSequential([ResBlock(ch, ch, temb_dim, groups), transformer(ch, last),
                                   ResBlock(ch, ch, temb_dim, groups)])
 
         self.output_blocks = nn.ModuleList()
@@ -204,7 +205,7 @@ class UNet(nn.Module):
                     layers.append(transformer(ch, level))
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
-                self.output_blocks.append(Step(layers))
+                self.output_blocks.append(TimestepEmbedSequential(layers))
 
         self.out = nn.ModuleList([nn.GroupNorm(groups, ch), nn.Identity(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)])
 
@@ -248,28 +249,29 @@ def config_from_diffusers(d):
         linear_proj=bool(d.get("use_linear_projection", False)), norm_groups=d.get("norm_num_groups", 32))
 
 
-def config_from_state_dict(sd):
+def config_from_state_dict(state_dict):
     """UNetConfig from original-layout keys and shapes. Head counts are not in the weights: SD1.5
     uses 8 heads everywhere, SD2.x (context 1024) uses 64-channel heads."""
-    ch0 = sd["input_blocks.0.0.weight"].shape[0]
+    ch0 = state_dict["input_blocks.0.0.weight"].shape[0]
     res_outs = {}  # input block number -> ResBlock output channels
     attn_blocks = set()
-    for key in sd:
+    for key in state_dict:
         m = re.match(r"input_blocks\.(\d+)\.(\d)\.", key)
         if m and m.group(2) == "0" and key.endswith("in_layers.2.weight"):
-            res_outs[int(m.group(1))] = sd[key].shape[0]
+            res_outs[int(m.group(1))] = state_dict[key].shape[0]
         if m and m.group(2) == "1":
             attn_blocks.add(int(m.group(1)))
-    downsamples = sorted(int(k.split(".")[1]) for k in sd if re.fullmatch(r"input_blocks\.\d+\.0\.op\.weight", k))
+    downsamples = sorted(int(k.split(".")[1]) for k in state_dict
+                         if re.fullmatch(r"input_blocks\.\d+\.0\.op\.weight", k))
     num_res_blocks = downsamples[0] - 1 if downsamples else len(res_outs)
     levels = len(downsamples) + 1
     block = lambda level, j: 1 + level * (num_res_blocks + 1) + j
     mult = tuple(res_outs[block(level, 0)] // ch0 for level in range(levels))
-    context_dim = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
-    linear = len(sd["middle_block.1.proj_in.weight"].shape) == 2
+    context_dim = state_dict["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    linear = len(state_dict["middle_block.1.proj_in.weight"].shape) == 2
     heads = tuple(8 if context_dim == 768 else ch0 * m // 64 for m in mult)
     return UNetConfig(
-        in_channels=sd["input_blocks.0.0.weight"].shape[1], out_channels=sd["out.2.weight"].shape[0],
+        in_channels=state_dict["input_blocks.0.0.weight"].shape[1], out_channels=state_dict["out.2.weight"].shape[0],
         model_channels=ch0, channel_mult=mult, num_res_blocks=num_res_blocks,
         attention_levels=tuple(lv for lv in range(levels) if block(lv, 0) in attn_blocks),
         num_heads=heads, context_dim=context_dim, linear_proj=linear)
@@ -279,71 +281,56 @@ _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
 
+@functools.lru_cache(maxsize=8)
+def _name_table(cfg_fields):
+    """diffusers module path -> ours, for every module of a UNet with these config fields: the one
+    table both name maps read. Paths below a listed module (a transformer's inside, a conv's
+    weight) are the same in both layouts."""
+    cfg = UNetConfig(*cfg_fields)
+    per_level, levels = cfg.num_res_blocks + 1, len(cfg.channel_mult)
+    table = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "mid_block.attentions.0": "middle_block.1"}
+
+    def resnet(theirs, ours):
+        table.update({f"{theirs}.{a}": f"{ours}.{b}" for a, b in _RESNET.items()})
+
+    for i in range(levels):  # diffusers' down block i is level i
+        for j in range(cfg.num_res_blocks):
+            n = 1 + i * per_level + j
+            resnet(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{n}.0")
+            if i in cfg.attention_levels:
+                table[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{n}.1"
+        if i != levels - 1:
+            table[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(i + 1) * per_level}.0.op"
+    for j in range(2):
+        resnet(f"mid_block.resnets.{j}", f"middle_block.{2 * j}")
+    for i in range(levels):  # up block i is level levels - 1 - i
+        has_attn = levels - 1 - i in cfg.attention_levels
+        for j in range(per_level):
+            resnet(f"up_blocks.{i}.resnets.{j}", f"output_blocks.{i * per_level + j}.0")
+            if has_attn:
+                table[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{i * per_level + j}.1"
+        if i != levels - 1:  # the Upsample, after the ResBlock (and the transformer, if any)
+            table[f"up_blocks.{i}.upsamplers.0"] = f"output_blocks.{i * per_level + cfg.num_res_blocks}.{1 + has_attn}"
+    return table, {ours: theirs for theirs, ours in table.items()}
+
+
+def _rename(name, table, error):
+    """name with its longest module path found in `table` replaced."""
+    parts = name.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:k])
+        if module in table:
+            return ".".join([table[module], *parts[k:]])
+    raise KeyError(f"{error}: {name}")
+
+
 def diffusers_name(name, cfg: UNetConfig):
     """Our (original-layout) key for one diffusers UNet2DConditionModel key."""
-    per_level = cfg.num_res_blocks + 1
-    levels = len(cfg.channel_mult)
-    fixed = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
-    module, _, param = name.rpartition(".")
-    if module in fixed:
-        return f"{fixed[module]}.{param}"
-
-    def resnet(rest):
-        part, _, tail = rest.partition(".")
-        return f"{_RESNET[part]}.{tail}"
-
-    m = re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.+)", name)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        if kind == "downsamplers":
-            return f"input_blocks.{(i + 1) * per_level}.0.{rest.replace('conv.', 'op.')}"
-        n = 1 + i * per_level + j
-        return f"input_blocks.{n}.0.{resnet(rest)}" if kind == "resnets" else f"input_blocks.{n}.1.{rest}"
-    m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", name)
-    if m:
-        return f"middle_block.{2 * int(m[2])}.{resnet(m[3])}" if m[1] == "resnets" else f"middle_block.1.{m[3]}"
-    m = re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)\.(.+)", name)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        if kind == "upsamplers":
-            has_attn = (levels - 1 - i) in cfg.attention_levels
-            return f"output_blocks.{i * per_level + cfg.num_res_blocks}.{2 if has_attn else 1}.{rest}"
-        n = i * per_level + j
-        return f"output_blocks.{n}.0.{resnet(rest)}" if kind == "resnets" else f"output_blocks.{n}.1.{rest}"
-    raise KeyError(f"not a Stable Diffusion UNet weight: {name}")
+    return _rename(name, _name_table(astuple(cfg))[0], "not a Stable Diffusion UNet weight")
 
 
 def to_diffusers_name(name, cfg: UNetConfig):
     """The inverse of diffusers_name: the diffusers key for one of our keys (for LoRA exports)."""
-    per_level = cfg.num_res_blocks + 1
-    resnet_names = {v: k for k, v in _RESNET.items()}
-    fixed = {"input_blocks.0.0": "conv_in", "time_embed.0": "time_embedding.linear_1",
-             "time_embed.2": "time_embedding.linear_2", "out.0": "conv_norm_out", "out.2": "conv_out"}
-    module, _, param = name.rpartition(".")
-    if module in fixed:
-        return f"{fixed[module]}.{param}"
-
-    def resnet(rest):
-        for ours, theirs in resnet_names.items():
-            if rest.startswith(ours + "."):
-                return theirs + rest[len(ours):]
-        raise KeyError(f"not a UNet weight: {name}")
-
-    m = re.fullmatch(r"(input_blocks|middle_block|output_blocks)\.(?:(\d+)\.)?(\d)\.(.+)", name)
-    if not m:
-        raise KeyError(f"not a UNet weight: {name}")
-    part, n, slot, rest = m[1], int(m[2] or 0), int(m[3]), m[4]
-    if part == "middle_block":
-        return f"mid_block.resnets.{slot // 2}.{resnet(rest)}" if slot != 1 else f"mid_block.attentions.0.{rest}"
-    if part == "input_blocks":
-        if rest.startswith("op."):
-            return f"down_blocks.{n // per_level - 1}.downsamplers.0.conv.{rest[3:]}"
-        i, j = divmod(n - 1, per_level)
-        return f"down_blocks.{i}.resnets.{j}.{resnet(rest)}" if slot == 0 else f"down_blocks.{i}.attentions.{j}.{rest}"
-    i, j = divmod(n, per_level)
-    if slot == 0:
-        return f"up_blocks.{i}.resnets.{j}.{resnet(rest)}"
-    if rest.startswith("conv."):  # the Upsample, after the ResBlock (and the transformer, if any)
-        return f"up_blocks.{i}.upsamplers.0.{rest}"
-    return f"up_blocks.{i}.attentions.{j}.{rest}"
+    return _rename(name, _name_table(astuple(cfg))[1], "not a UNet weight")
