@@ -148,15 +148,15 @@ def config_from_diffusers(d):
         act=act, layer_norm_eps=d.get("layer_norm_eps", 1e-5))
 
 
-def config_from_state_dict(sd):
+def config_from_state_dict(state_dict):
     """CLIPConfig from original-layout keys and shapes. Heads, activation and eps are not in the
     weights: CLIP towers use 64-wide heads, and SD1.x's quick_gelu and 1e-5 are assumed."""
-    vocab, width = sd["embeddings.token_embedding.weight"].shape
-    layers = sum(1 for k in sd if re.fullmatch(r"encoder\.layers\.\d+\.layer_norm1\.weight", k))
+    vocab, width = state_dict["embeddings.token_embedding.weight"].shape
+    layers = sum(1 for k in state_dict if re.fullmatch(r"encoder\.layers\.\d+\.layer_norm1\.weight", k))
     return CLIPConfig(
         vocab_size=vocab, width=width, layers=layers, heads=max(1, width // 64),
-        mlp_dim=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
-        max_positions=sd["embeddings.position_embedding.weight"].shape[0])
+        mlp_dim=state_dict["encoder.layers.0.mlp.fc1.weight"].shape[0],
+        max_positions=state_dict["embeddings.position_embedding.weight"].shape[0])
 
 
 def diffusers_name(name, cfg: CLIPConfig):

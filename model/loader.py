@@ -5,7 +5,7 @@ The modules are built on the meta device (no memory, no init) and the weights ar
 Tensors are read one at a time with plain file reads into their final dtype: no mmap of the
 whole file stays resident, and peak memory is the weights plus one tensor in flight.
 
-Layouts (SPEC section 3):
+Layouts:
   - original single file: keys under `model.diffusion_model.`, `first_stage_model.` and
     `cond_stage_model.transformer.text_model.`; our module paths are those keys, so it is a copy.
     Files we write ourselves carry each component's config as JSON in the safetensors metadata.
@@ -38,9 +38,9 @@ SCHEDULE_KEYS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_
                  "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                  "posterior_mean_coef1", "posterior_mean_coef2"}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}  # the format's dtype codes
 
 
 # What validation grids and sample.py draw when the user names no prompt. A model file we wrote may
@@ -66,7 +66,13 @@ class StableDiffusion:
 
 class SafetensorsFile:
     """Header of a .safetensors file and a reader for single tensors (format: u64 header length,
-    JSON header, raw little-endian data). Every way a file can be broken becomes a UserError."""
+    JSON header, raw little-endian data). Every way a file can be broken becomes a UserError.
+
+    Why not safetensors' own `safe_open`: it maps the whole file and hands out tensors in their
+    stored dtype, so loading a 4 GB fp32 checkpoint as bf16 would hold the mapping's pages and a
+    converted copy at once. Here each tensor is read with a plain file read into a buffer of its
+    own and converted to its final dtype and device before the next one is read: peak memory is
+    the loaded weights plus one tensor in flight (tests/test_loader.py measures it)."""
 
     def __init__(self, path):
         self.path = path
@@ -100,10 +106,26 @@ class SafetensorsFile:
         raw = torch.empty(end - begin, dtype=torch.uint8)
         f.seek(self.data_start + begin)
         f.readinto(raw.numpy())
-        t = raw.view(DTYPES[e["dtype"]]).reshape(e["shape"])
+        t = raw.view(SAFETENSORS_DTYPES[e["dtype"]]).reshape(e["shape"])
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         return t.to(device)
+
+
+def read_safetensors(path):
+    """(every tensor on the CPU in its stored dtype, the metadata dict) of a .safetensors file.
+    Any way the file can fail (missing, unreadable, not safetensors, truncated, a bad entry) is a
+    UserError naming it."""
+    path = str(path)
+    try:
+        st = SafetensorsFile(path)
+        with open(path, "rb") as f:
+            tensors = {key: st.read(key, f) for key in st.keys()}
+    except UserError:
+        raise
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, struct.error) as e:
+        raise UserError(f"{path} cannot be read as safetensors ({type(e).__name__}: {e})") from None
+    return tensors, dict(st.metadata)
 
 
 def save_safetensors(tensors, path, metadata=None):

@@ -199,17 +199,17 @@ def config_from_diffusers(d):
         scaling_factor=d.get("scaling_factor", 0.18215))
 
 
-def config_from_state_dict(sd):
+def config_from_state_dict(state_dict):
     """VAEConfig from original-layout keys and shapes. GroupNorm groups and the scaling factor are
     not in the weights: the SD values (32, 0.18215) are used."""
-    conv_in = sd["encoder.conv_in.weight"].shape
-    levels = sum(1 for k in sd if re.fullmatch(r"encoder\.down\.\d+\.block\.0\.conv1\.weight", k))
-    blocks = sum(1 for k in sd if re.fullmatch(r"encoder\.down\.0\.block\.\d+\.conv1\.weight", k))
+    conv_in = state_dict["encoder.conv_in.weight"].shape
+    levels = sum(1 for k in state_dict if re.fullmatch(r"encoder\.down\.\d+\.block\.0\.conv1\.weight", k))
+    blocks = sum(1 for k in state_dict if re.fullmatch(r"encoder\.down\.0\.block\.\d+\.conv1\.weight", k))
     ch = conv_in[0]
     return VAEConfig(
-        in_channels=conv_in[1], out_channels=sd["decoder.conv_out.weight"].shape[0], ch=ch,
-        ch_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
-        num_res_blocks=blocks, z_channels=sd["post_quant_conv.weight"].shape[0])
+        in_channels=conv_in[1], out_channels=state_dict["decoder.conv_out.weight"].shape[0], ch=ch,
+        ch_mult=tuple(state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+        num_res_blocks=blocks, z_channels=state_dict["post_quant_conv.weight"].shape[0])
 
 
 # diffusers' sub-names -> the original's: resnets, and the mid attention (both current names and the

@@ -12,6 +12,7 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
 
 import model
 from model.errors import UserError
+from model.loader import read_safetensors, save_safetensors
 from tests import helpers
 from tests.helpers import rel_err
 
@@ -136,12 +137,32 @@ def test_not_safetensors(tmp_path):
         model.load(str(path))
 
 
+def test_read_safetensors(tmp_path):
+    """Every tensor in its stored dtype with the metadata; every failure a UserError naming the file."""
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64),
+               "c": torch.randn(2, 2).to(torch.bfloat16), "empty": torch.zeros(0, 4)}
+    path = str(tmp_path / "t.safetensors")
+    save_safetensors(tensors, path, {"steps": "12"})
+    read, metadata = read_safetensors(path)
+    assert metadata == {"steps": "12"} and set(read) == set(tensors)
+    assert all(read[k].dtype == v.dtype and torch.equal(read[k], v) for k, v in tensors.items())
+    data = open(path, "rb").read()
+    bad = {"missing": None, "cut": data[:-9], "junk": b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}",
+           "bad_entry": data.replace(b'"F32"', b'"Q32"', 1)}
+    for name, content in bad.items():
+        file = tmp_path / f"{name}.safetensors"
+        if content is not None:
+            file.write_bytes(content)
+        with pytest.raises(UserError, match=name):
+            read_safetensors(file)
+
+
 def test_missing_keys(pipe, tmp_path):
     weights = helpers.original_state_dict(pipe)
     for key in [k for k in weights if ".attn2." in k][:5]:
         del weights[key]
     path = tmp_path / "missing.safetensors"
-    tiny.save_safetensors(weights, str(path))
+    save_safetensors(weights, str(path))
     with pytest.raises(UserError, match="missing") as e:
         model.load(str(path))
     assert "attn2" in str(e.value) and "\n" not in str(e.value)
@@ -152,7 +173,7 @@ def test_unexpected_keys(pipe, tmp_path):
     weights["model.diffusion_model.extra_head.weight"] = torch.randn(3)
     weights["something_else"] = torch.randn(3)
     path = tmp_path / "unexpected.safetensors"
-    tiny.save_safetensors(weights, str(path))
+    save_safetensors(weights, str(path))
     with pytest.raises(UserError, match="something_else|extra_head"):
         model.load(str(path))
 
@@ -188,7 +209,7 @@ def test_sd15_single_file_loads_with_one_copy_of_the_weights(tmp_path):
         for k, v in shapes.items():
             weights[prefix + k] = torch.randn(v.shape, generator=gen, dtype=torch.float32).to(torch.float16)
     path = str(tmp_path / "sd15.safetensors")
-    tiny.save_safetensors(weights, path)
+    save_safetensors(weights, path)
     del weights
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", PEAK, path], capture_output=True, text=True, cwd=root, check=True)
