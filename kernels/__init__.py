@@ -1,5 +1,3 @@
-"""Triton kernels, one op per file, each with its plain-torch reference and a benchmark
-(`python -m kernels.<name>`). The model reaches them through model/ops.py."""
-from kernels.geglu import geglu, geglu_ref
-from kernels.group_norm_silu import group_norm_silu, group_norm_silu_ref
-from kernels.attention import attention, attention_ref
+"""Triton kernels, one op per file (`kernels.attention`, `kernels.group_norm_silu`, `kernels.geglu`),
+each with a benchmark (`python -m kernels.<name>`); their plain-torch definitions are in
+`kernels.reference`, which needs no triton. The model reaches them through model/ops.py."""

@@ -31,10 +31,10 @@ to torch's SDPA. kv_index values must lie in [0, C) (unchecked, like an index on
 """
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.reference import attention_ref
 from kernels.rounding import INTERPRET, store_cast
 
 LOG2E = 1.4426950408889634
@@ -433,13 +433,6 @@ def attention(q, k, v, scale=None, kv_index=None):
     if kv_index is not None:
         kv_index = kv_index.to(device=q.device, dtype=torch.int64).contiguous()
     return Attention.apply(q, k, v, scale, kv_index)
-
-
-def attention_ref(q, k, v, scale=None, kv_index=None):
-    """The same in plain torch: gather the conditions, then SDPA."""
-    if kv_index is not None:
-        k, v = k[kv_index], v[kv_index]
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 # -------------------------------------------------------------------------------------------------

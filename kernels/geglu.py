@@ -10,10 +10,10 @@ writes dx = [da, db] in one pass, recomputing gelu(b) instead of storing it. In 
 feed-forward gate of every transformer block: x is [B, L, 2 x 1280..5120].
 """
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.reference import geglu_ref
 from kernels.rounding import store_cast
 
 SQRT_HALF = tl.constexpr(0.7071067811865476)
@@ -92,11 +92,6 @@ def geglu(x):
     if x.numel() == 0:
         return geglu_ref(x)
     return GEGLU.apply(x)
-
-
-def geglu_ref(x):
-    a, b = x.chunk(2, dim=-1)
-    return a * F.gelu(b)
 
 
 # -------------------------------------------------------------------------------------------------

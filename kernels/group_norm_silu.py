@@ -24,12 +24,11 @@ Input [N, C, *spatial] in any memory layout; channels_last is read through a con
 the output is contiguous NCHW.
 """
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.reference import group_norm_silu_ref
 from kernels.rounding import store_cast
-
 
 
 @triton.jit
@@ -175,11 +174,6 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, silu=True):
     weight = torch.ones(c, device=x.device, dtype=x.dtype) if weight is None else weight
     bias = torch.zeros(c, device=x.device, dtype=x.dtype) if bias is None else bias
     return GroupNormSiLU.apply(x, num_groups, weight, bias, eps, silu)
-
-
-def group_norm_silu_ref(x, num_groups, weight=None, bias=None, eps=1e-5, silu=True):
-    y = F.group_norm(x, num_groups, weight, bias, eps)
-    return F.silu(y) if silu else y
 
 
 # -------------------------------------------------------------------------------------------------

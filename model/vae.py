@@ -9,7 +9,6 @@ Latents for the UNet are `mean * scaling_factor`; `decode` takes them unscaled (
 import re
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -5,7 +5,10 @@ tests/helpers.py."""
 import pytest
 import torch
 
-from kernels import attention, attention_ref, geglu, geglu_ref, group_norm_silu, group_norm_silu_ref
+from kernels.attention import attention
+from kernels.geglu import geglu
+from kernels.group_norm_silu import group_norm_silu
+from kernels.reference import attention_ref, geglu_ref, group_norm_silu_ref
 from model import ops
 from tests.helpers import CUDA, DEVICE, DTYPES, assert_close_as_torch, rel_err
 
