@@ -1,18 +1,7 @@
-"""Timing for the kernel benchmarks: median of CUDA-event timings after warm-up."""
-import statistics
+"""Timing for the kernel benchmarks: triton's do_bench (warm-up, cache flush between runs, CUDA
+events), reporting the median."""
+from triton.testing import do_bench
 
-import torch
 
-
-def time_ms(fn, warmup=10, iters=50):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def time_ms(fn):
+    return do_bench(fn, return_mode="median")
