@@ -93,29 +93,112 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, input_precision=PRECISION)
 
 
+# A head-dim-wide tile travels as its two column chunks (x0 = columns [0, C0), x1 = [C0, C0 + C1)).
+# Without a second chunk (C1 = 0) the first stands in for x1, which is then never read.
+
+@triton.jit
+def _load2(ptr, rows, n_rows, row_stride, D: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
+    """Tile [rows, :D] as its two column chunks."""
+    x0 = _load(ptr, rows, n_rows, row_stride, 0, C0, D)
+    x1 = x0
+    if C1 > 0:
+        x1 = _load(ptr, rows, n_rows, row_stride, C0, C1, D)
+    return x0, x1
+
+
+@triton.jit
+def _store2(ptr, x0, x1, rows, n_rows, row_stride, D: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
+    _store(ptr, x0, rows, n_rows, row_stride, 0, C0, D)
+    if C1 > 0:
+        _store(ptr, x1, rows, n_rows, row_stride, C0, C1, D)
+
+
+@triton.jit
+def _zeros2(ROWS: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
+    """fp32 accumulators [ROWS, C0] and [ROWS, C1]."""
+    x0 = tl.zeros([ROWS, C0], tl.float32)
+    x1 = x0
+    if C1 > 0:
+        x1 = tl.zeros([ROWS, C1], tl.float32)
+    return x0, x1
+
+
+@triton.jit
+def _dot_t2(a0, a1, b0, b1, C1: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a b^T over the head dim (scores Q K^T, dP = dO V^T): each chunk's product, summed."""
+    s = _dot(a0, tl.trans(b0), PRECISION, UPCAST)
+    if C1 > 0:
+        s += _dot(a1, tl.trans(b1), PRECISION, UPCAST)
+    return s
+
+
+@triton.jit
+def _dot2(a, b0, b1, C1: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """(a b0, a b1): a product as wide as the head dim (O, dQ, dK, dV), chunk by chunk."""
+    x0 = _dot(a, b0, PRECISION, UPCAST)
+    x1 = x0
+    if C1 > 0:
+        x1 = _dot(a, b1, PRECISION, UPCAST)
+    return x0, x1
+
+
+@triton.jit
+def _acc2(acc0, acc1, a, b0, b1, C1: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """(acc0 + a b0, acc1 + a b1)."""
+    x0, x1 = _dot2(a, b0, b1, C1, PRECISION, UPCAST)
+    acc0 += x0
+    if C1 > 0:
+        acc1 += x1
+    return acc0, acc1
+
+
+@triton.jit
+def _row_dot2(a0, a1, b0, b1, C1: tl.constexpr):
+    """Per-row sum of a * b over the head dim in fp32 (delta = rowsum(dO * O))."""
+    r = tl.sum(a0.to(tl.float32) * b0.to(tl.float32), axis=1)
+    if C1 > 0:
+        r += tl.sum(a1.to(tl.float32) * b1.to(tl.float32), axis=1)
+    return r
+
+
+# The kernels' common arguments (Liger-Kernel's style of saying what each one is):
+#   Q, K, V, O, DO, DQ  pointers to [B, H, L, D] (Q-like) or [B or C, H, S, D] (K-like) tensors with a
+#                       unit last stride; O, DO and DQ share Q's strides (the launcher makes it so)
+#   DK, DV              pointers to per-row (or per-chunk) partial gradients, fp32 [B (x chunks), H, S, D]
+#   LSE, DELTA          fp32 [B, H, L]: log2-sum-exp of each query's scores; rowsum(dO * O)
+#   IDX                 int64 [B]: the K/V row (condition) each query row reads; unread without HAS_INDEX
+#   sq_b, sq_h, sq_l    Q's strides (elements) over rows, heads, queries; sk_*: K's and V's; sd_*: DK's and DV's
+#   H, L, S             heads, queries, keys
+#   qk_scale, sm_scale  scale * log2(e) (scores in log2 units, for exp2), and scale
+#   D, C0, C1           head dim and its two power-of-two column chunks (C1 = 0: one chunk)
+#   ALIGN               largest power of two (<= 16) dividing every stride: lets rows load as vectors
+#   BLOCK_M, BLOCK_N    query rows and keys per tile
+#   ONE_TILE            every key fits in one BLOCK_N tile: a plain softmax, no running max
+#   HAS_INDEX           K/V rows are read through IDX
+#   PRECISION           tl.dot's input precision ("ieee" for fp32: no tf32), UPCAST: see _dot
+# Programs: axis 0 over query tiles (key tiles for dK/dV, query chunks in the one-tile backward),
+# axis 1 over (row, head) pairs bh = b * H + h.
+
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, IDX, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, H, L, S, qk_scale,
               D: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, ALIGN: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr, HAS_INDEX: tl.constexpr,
               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """O and LSE for one tile of BLOCK_M queries of one (row, head), streaming over key tiles."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     sq_l, sk_l = _aligned(sq_l, ALIGN), _aligned(sk_l, ALIGN)
     q_at, kv_at = _bases(IDX, bh, H, _aligned(sq_b, ALIGN), _aligned(sq_h, ALIGN),
                          _aligned(sk_b, ALIGN), _aligned(sk_h, ALIGN), HAS_INDEX)
     Q, O, K, V = Q + q_at, O + q_at, K + kv_at, V + kv_at
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q0 = _load(Q, rows, L, sq_l, 0, C0, D)
-    acc0 = tl.zeros([BLOCK_M, C0], tl.float32)
-    if C1 > 0:
-        q1 = _load(Q, rows, L, sq_l, C0, C1, D)
-        acc1 = tl.zeros([BLOCK_M, C1], tl.float32)
+    q0, q1 = _load2(Q, rows, L, sq_l, D, C0, C1)
+    acc0, acc1 = _zeros2(BLOCK_M, C0, C1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
     for start in range(0, S, BLOCK_N):  # one iteration when ONE_TILE
         keys = start + tl.arange(0, BLOCK_N)
-        s = _dot(q0, tl.trans(_load(K, keys, S, sk_l, 0, C0, D)), PRECISION, UPCAST)
-        if C1 > 0:
-            s += _dot(q1, tl.trans(_load(K, keys, S, sk_l, C0, C1, D)), PRECISION, UPCAST)
+        k0, k1 = _load2(K, keys, S, sk_l, D, C0, C1)
+        s = _dot_t2(q0, q1, k0, k1, C1, PRECISION, UPCAST)
         s = tl.where(keys[None, :] < S, s * qk_scale, float("-inf"))
         if ONE_TILE:  # all keys at once: a plain softmax
             m_i = tl.max(s, axis=1)
@@ -130,13 +213,9 @@ def _attn_fwd(Q, K, V, O, LSE, IDX, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, H, L, S,
             acc0 *= alpha[:, None]
             if C1 > 0:
                 acc1 *= alpha[:, None]
-        v0 = _load(V, keys, S, sk_l, 0, C0, D)
-        acc0 += _dot(p.to(v0.dtype), v0, PRECISION, UPCAST)
-        if C1 > 0:
-            acc1 += _dot(p.to(v0.dtype), _load(V, keys, S, sk_l, C0, C1, D), PRECISION, UPCAST)
-    _store(O, acc0 / l_i[:, None], rows, L, sq_l, 0, C0, D)
-    if C1 > 0:
-        _store(O, acc1 / l_i[:, None], rows, L, sq_l, C0, C1, D)
+        v0, v1 = _load2(V, keys, S, sk_l, D, C0, C1)
+        acc0, acc1 = _acc2(acc0, acc1, p.to(v0.dtype), v0, v1, C1, PRECISION, UPCAST)
+    _store2(O, acc0 / l_i[:, None], acc1 / l_i[:, None], rows, L, sq_l, D, C0, C1)
     tl.store(LSE + bh.to(tl.int64) * L + rows, m_i + tl.log2(l_i), mask=rows < L)
 
 
@@ -146,53 +225,40 @@ def _attn_bwd_one_tile(Q, K, V, O, DO, DQ, DK, DV, LSE, IDX, sq_b, sq_h, sq_l, s
                        D: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, ALIGN: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_INDEX: tl.constexpr,
                        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """S <= BLOCK_N: dQ for one chunk of queries, and that chunk's share of dK, dV for its row."""
+    """S <= BLOCK_N: dQ for one chunk of CHUNK_ROWS queries, and that chunk's share of dK, dV for
+    its row, written to DK, DV laid out [B * chunks, H, S, D] (the launcher sums the chunks)."""
     chunk, bh = tl.program_id(0), tl.program_id(1)
     sq_l, sk_l, sd_l = _aligned(sq_l, ALIGN), _aligned(sk_l, ALIGN), _aligned(sd_l, ALIGN)
     q_at, kv_at = _bases(IDX, bh, H, _aligned(sq_b, ALIGN), _aligned(sq_h, ALIGN),
                          _aligned(sk_b, ALIGN), _aligned(sk_h, ALIGN), HAS_INDEX)
     Q, O, DO, DQ, K, V = Q + q_at, O + q_at, DO + q_at, DQ + q_at, K + kv_at, V + kv_at
-    # partial sums are laid out [B * chunks, H, S, D]
     d_at = ((bh // H) * tl.num_programs(0) + chunk).to(tl.int64) * _aligned(sd_b, ALIGN) \
         + (bh % H) * _aligned(sd_h, ALIGN)
     DK, DV = DK + d_at, DV + d_at
     keys = tl.arange(0, BLOCK_N)
-    k0, v0 = _load(K, keys, S, sk_l, 0, C0, D), _load(V, keys, S, sk_l, 0, C0, D)
-    dk0 = tl.zeros([BLOCK_N, C0], tl.float32)
-    dv0 = tl.zeros([BLOCK_N, C0], tl.float32)
-    if C1 > 0:
-        k1, v1 = _load(K, keys, S, sk_l, C0, C1, D), _load(V, keys, S, sk_l, C0, C1, D)
-        dk1 = tl.zeros([BLOCK_N, C1], tl.float32)
-        dv1 = tl.zeros([BLOCK_N, C1], tl.float32)
+    k0, k1 = _load2(K, keys, S, sk_l, D, C0, C1)
+    v0, v1 = _load2(V, keys, S, sk_l, D, C0, C1)
+    dk0, dk1 = _zeros2(BLOCK_N, C0, C1)
+    dv0, dv1 = _zeros2(BLOCK_N, C0, C1)
     first = chunk * CHUNK_ROWS
     for start in range(first, tl.minimum(first + CHUNK_ROWS, L), BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q0, do0 = _load(Q, rows, L, sq_l, 0, C0, D), _load(DO, rows, L, sq_l, 0, C0, D)
-        delta = tl.sum(do0.to(tl.float32) * _load(O, rows, L, sq_l, 0, C0, D).to(tl.float32), axis=1)
-        s = _dot(q0, tl.trans(k0), PRECISION, UPCAST)
-        dp = _dot(do0, tl.trans(v0), PRECISION, UPCAST)
-        if C1 > 0:
-            q1, do1 = _load(Q, rows, L, sq_l, C0, C1, D), _load(DO, rows, L, sq_l, C0, C1, D)
-            delta += tl.sum(do1.to(tl.float32) * _load(O, rows, L, sq_l, C0, C1, D).to(tl.float32), axis=1)
-            s += _dot(q1, tl.trans(k1), PRECISION, UPCAST)
-            dp += _dot(do1, tl.trans(v1), PRECISION, UPCAST)
+        q0, q1 = _load2(Q, rows, L, sq_l, D, C0, C1)
+        do0, do1 = _load2(DO, rows, L, sq_l, D, C0, C1)
+        o0, o1 = _load2(O, rows, L, sq_l, D, C0, C1)
+        delta = _row_dot2(do0, do1, o0, o1, C1)
+        s = _dot_t2(q0, q1, k0, k1, C1, PRECISION, UPCAST)
+        dp = _dot_t2(do0, do1, v0, v1, C1, PRECISION, UPCAST)
         lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
         valid = (rows[:, None] < L) & (keys[None, :] < S)
         p = tl.where(valid, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
         ds = (p * (dp - delta[:, None])).to(q0.dtype)
-        pt = tl.trans(p.to(do0.dtype))
-        dv0 += _dot(pt, do0, PRECISION, UPCAST)
-        dk0 += _dot(tl.trans(ds), q0, PRECISION, UPCAST)
-        _store(DQ, _dot(ds, k0, PRECISION, UPCAST) * sm_scale, rows, L, sq_l, 0, C0, D)
-        if C1 > 0:
-            dv1 += _dot(pt, do1, PRECISION, UPCAST)
-            dk1 += _dot(tl.trans(ds), q1, PRECISION, UPCAST)
-            _store(DQ, _dot(ds, k1, PRECISION, UPCAST) * sm_scale, rows, L, sq_l, C0, C1, D)
-    _store(DK, dk0 * sm_scale, keys, S, sd_l, 0, C0, D)
-    _store(DV, dv0, keys, S, sd_l, 0, C0, D)
-    if C1 > 0:
-        _store(DK, dk1 * sm_scale, keys, S, sd_l, C0, C1, D)
-        _store(DV, dv1, keys, S, sd_l, C0, C1, D)
+        dv0, dv1 = _acc2(dv0, dv1, tl.trans(p.to(do0.dtype)), do0, do1, C1, PRECISION, UPCAST)
+        dk0, dk1 = _acc2(dk0, dk1, tl.trans(ds), q0, q1, C1, PRECISION, UPCAST)
+        dq0, dq1 = _dot2(ds, k0, k1, C1, PRECISION, UPCAST)  # every key is here: dQ is finished
+        _store2(DQ, dq0 * sm_scale, dq1 * sm_scale, rows, L, sq_l, D, C0, C1)
+    _store2(DK, dk0 * sm_scale, dk1 * sm_scale, keys, S, sd_l, D, C0, C1)
+    _store2(DV, dv0, dv1, keys, S, sd_l, D, C0, C1)
 
 
 @triton.jit
@@ -207,32 +273,23 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, IDX, sq_b, sq_h, sq_l, sk_b, sk
                          _aligned(sk_b, ALIGN), _aligned(sk_h, ALIGN), HAS_INDEX)
     Q, O, DO, DQ, K, V = Q + q_at, O + q_at, DO + q_at, DQ + q_at, K + kv_at, V + kv_at
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q0, do0 = _load(Q, rows, L, sq_l, 0, C0, D), _load(DO, rows, L, sq_l, 0, C0, D)
-    delta = tl.sum(do0.to(tl.float32) * _load(O, rows, L, sq_l, 0, C0, D).to(tl.float32), axis=1)
-    dq0 = tl.zeros([BLOCK_M, C0], tl.float32)
-    if C1 > 0:
-        q1, do1 = _load(Q, rows, L, sq_l, C0, C1, D), _load(DO, rows, L, sq_l, C0, C1, D)
-        delta += tl.sum(do1.to(tl.float32) * _load(O, rows, L, sq_l, C0, C1, D).to(tl.float32), axis=1)
-        dq1 = tl.zeros([BLOCK_M, C1], tl.float32)
+    q0, q1 = _load2(Q, rows, L, sq_l, D, C0, C1)
+    do0, do1 = _load2(DO, rows, L, sq_l, D, C0, C1)
+    o0, o1 = _load2(O, rows, L, sq_l, D, C0, C1)
+    delta = _row_dot2(do0, do1, o0, o1, C1)
+    dq0, dq1 = _zeros2(BLOCK_M, C0, C1)
     tl.store(DELTA + bh.to(tl.int64) * L + rows, delta, mask=rows < L)
     lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
     for start in range(0, S, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        k0 = _load(K, keys, S, sk_l, 0, C0, D)
-        s = _dot(q0, tl.trans(k0), PRECISION, UPCAST)
-        dp = _dot(do0, tl.trans(_load(V, keys, S, sk_l, 0, C0, D)), PRECISION, UPCAST)
-        if C1 > 0:
-            k1 = _load(K, keys, S, sk_l, C0, C1, D)
-            s += _dot(q1, tl.trans(k1), PRECISION, UPCAST)
-            dp += _dot(do1, tl.trans(_load(V, keys, S, sk_l, C0, C1, D)), PRECISION, UPCAST)
+        k0, k1 = _load2(K, keys, S, sk_l, D, C0, C1)
+        v0, v1 = _load2(V, keys, S, sk_l, D, C0, C1)
+        s = _dot_t2(q0, q1, k0, k1, C1, PRECISION, UPCAST)
+        dp = _dot_t2(do0, do1, v0, v1, C1, PRECISION, UPCAST)
         p = tl.where(keys[None, :] < S, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
         ds = (p * (dp - delta[:, None])).to(k0.dtype)
-        dq0 += _dot(ds, k0, PRECISION, UPCAST)
-        if C1 > 0:
-            dq1 += _dot(ds, k1, PRECISION, UPCAST)
-    _store(DQ, dq0 * sm_scale, rows, L, sq_l, 0, C0, D)
-    if C1 > 0:
-        _store(DQ, dq1 * sm_scale, rows, L, sq_l, C0, C1, D)
+        dq0, dq1 = _acc2(dq0, dq1, ds, k0, k1, C1, PRECISION, UPCAST)
+    _store2(DQ, dq0 * sm_scale, dq1 * sm_scale, rows, L, sq_l, D, C0, C1)
 
 
 @triton.jit
@@ -249,38 +306,25 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, sq_b, sq_h, sq_l, sk_b,
     d_at = (bh // H).to(tl.int64) * _aligned(sd_b, ALIGN) + (bh % H) * _aligned(sd_h, ALIGN)
     Q, DO, K, V, DK, DV = Q + q_at, DO + q_at, K + kv_at, V + kv_at, DK + d_at, DV + d_at
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0, v0 = _load(K, keys, S, sk_l, 0, C0, D), _load(V, keys, S, sk_l, 0, C0, D)
-    dk0 = tl.zeros([BLOCK_N, C0], tl.float32)
-    dv0 = tl.zeros([BLOCK_N, C0], tl.float32)
-    if C1 > 0:
-        k1, v1 = _load(K, keys, S, sk_l, C0, C1, D), _load(V, keys, S, sk_l, C0, C1, D)
-        dk1 = tl.zeros([BLOCK_N, C1], tl.float32)
-        dv1 = tl.zeros([BLOCK_N, C1], tl.float32)
+    k0, k1 = _load2(K, keys, S, sk_l, D, C0, C1)
+    v0, v1 = _load2(V, keys, S, sk_l, D, C0, C1)
+    dk0, dk1 = _zeros2(BLOCK_N, C0, C1)
+    dv0, dv1 = _zeros2(BLOCK_N, C0, C1)
     for start in range(0, L, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q0, do0 = _load(Q, rows, L, sq_l, 0, C0, D), _load(DO, rows, L, sq_l, 0, C0, D)
-        s = _dot(q0, tl.trans(k0), PRECISION, UPCAST)
-        dp = _dot(do0, tl.trans(v0), PRECISION, UPCAST)
-        if C1 > 0:
-            q1, do1 = _load(Q, rows, L, sq_l, C0, C1, D), _load(DO, rows, L, sq_l, C0, C1, D)
-            s += _dot(q1, tl.trans(k1), PRECISION, UPCAST)
-            dp += _dot(do1, tl.trans(v1), PRECISION, UPCAST)
+        q0, q1 = _load2(Q, rows, L, sq_l, D, C0, C1)
+        do0, do1 = _load2(DO, rows, L, sq_l, D, C0, C1)
+        s = _dot_t2(q0, q1, k0, k1, C1, PRECISION, UPCAST)
+        dp = _dot_t2(do0, do1, v0, v1, C1, PRECISION, UPCAST)
         lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
         delta = tl.load(DELTA + bh.to(tl.int64) * L + rows, mask=rows < L, other=0.0)
         valid = (rows[:, None] < L) & (keys[None, :] < S)
         p = tl.where(valid, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
         ds = tl.trans((p * (dp - delta[:, None])).to(q0.dtype))
-        pt = tl.trans(p.to(do0.dtype))
-        dv0 += _dot(pt, do0, PRECISION, UPCAST)
-        dk0 += _dot(ds, q0, PRECISION, UPCAST)
-        if C1 > 0:
-            dv1 += _dot(pt, do1, PRECISION, UPCAST)
-            dk1 += _dot(ds, q1, PRECISION, UPCAST)
-    _store(DK, dk0 * sm_scale, keys, S, sd_l, 0, C0, D)
-    _store(DV, dv0, keys, S, sd_l, 0, C0, D)
-    if C1 > 0:
-        _store(DK, dk1 * sm_scale, keys, S, sd_l, C0, C1, D)
-        _store(DV, dv1, keys, S, sd_l, C0, C1, D)
+        dv0, dv1 = _acc2(dv0, dv1, tl.trans(p.to(do0.dtype)), do0, do1, C1, PRECISION, UPCAST)
+        dk0, dk1 = _acc2(dk0, dk1, ds, q0, q1, C1, PRECISION, UPCAST)
+    _store2(DK, dk0 * sm_scale, dk1 * sm_scale, keys, S, sd_l, D, C0, C1)
+    _store2(DV, dv0, dv1, keys, S, sd_l, D, C0, C1)
 
 
 # Tile sizes and warps are measured per shape on the GPU (the first call of each shape tries them);
