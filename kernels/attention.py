@@ -22,23 +22,33 @@ What is particular to SD:
     also writes delta), one per key tile for dK, dV.
   - Condition-indexed K/V (`kv_index`): K and V hold C distinct conditions and query row b reads
     condition kv_index[b] through the index, with no gathered copy. dK, dV are computed per row
-    and summed per condition (index_add), so rows sharing a condition never race.
+    and summed per condition by torch in a fixed order (no atomics: the same bits every run).
   - Any strides with a unit last dim: the model's q, k, v are [B, L, H, D] projections viewed as
     [B, H, L, D], and reading them in place saves a copy of each (the output takes q's layout, so
     the model's transpose back is a view).
-Head dims above 256 (the VAE's single 512-wide head) would not fit a tile in registers; they go
-to torch's SDPA. kv_index values must lie in [0, C) (unchecked, like an index on the GPU).
+Where no kernel is worth it the call goes to SDPA (`kernel_takes`): fp64, head dims above 256 (the
+VAE's single 512-wide head would not fit a tile in registers), fp32 above 128, and any shape for
+which no config fits in shared memory. kv_index values must lie in [0, C) (unchecked, like an
+index on the GPU).
 """
+
+import functools
+import inspect
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.reference import attention_ref
-from kernels.rounding import INTERPRET, store_cast
+from kernels.rounding import INTERPRET, KERNEL_DTYPES, store_cast
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
+# fp64 (the tests' references) has no kernel: tl.dot of fp64 tiles returns fp64 and the fp32
+# accumulators would not compile. fp32 stops at head dim 128: at 160 (SD1.5's deepest level) the
+# one-tile backward needs 237 KB of shared memory even with 32-row tiles, and the split kernels
+# spill registers; SDPA is the better path there.
+MAX_HEAD_DIM_FP32 = 128
 
 
 def _split(d):
@@ -327,25 +337,64 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, IDX, sq_b, sq_h, sq_l, sk_b,
     _store2(DV, dv0, dv1, keys, S, sd_l, D, C0, C1)
 
 
-# Tile sizes and warps are measured per shape on the GPU (the first call of each shape tries them);
-# the interpreter gets one config. No kernel accumulates into its outputs, so re-running is safe.
-def _configs(tiles, warps=(4, 8), stages=(2, 3)):
-    if INTERPRET:
-        tiles, warps, stages = tiles[:1], warps[:1], stages[:1]
-    return [triton.Config(dict(tile), num_warps=w, num_stages=s) for tile in tiles for w in warps for s in stages]
+# Tile sizes, warps and stages are measured per shape on the GPU (the first call of each shape tries
+# the configs that fit, and triton keeps the timings on disk where it can: a new process re-tunes
+# nothing); the interpreter gets the first config. No kernel accumulates into its outputs, so
+# re-running one is safe. Fewer configs than every combination: 8 warps for the 128-row tiles
+# (4 spill registers there), 4 for the smaller ones, and each compiled config costs seconds.
+SHARED_MEMORY = 232_448  # bytes per block on sm_90 (H100/H200): no launched config may need more
 
 
-KEY = ["L", "S", "D", "HAS_INDEX"]
-_fwd = triton.autotune(_configs([{"BLOCK_M": 64, "BLOCK_N": 64}, {"BLOCK_M": 128, "BLOCK_N": 64},
-                                 {"BLOCK_M": 128, "BLOCK_N": 128}]), key=KEY)(_attn_fwd)
+def _shared_bytes(kernel, m, n, stages, dp, e):
+    """Triton's shared memory for one config of `kernel` (m x n tiles, `stages` pipelined loads,
+    head dim padded to dp, e bytes per element): the tiles each loop iteration loads, once per stage,
+    plus those the kernel keeps. Equal to or above what the sm_90 compiler allocates at SD1.5's shapes
+    (tests/test_kernel_compile.py checks every launched config against the compiler)."""
+    if kernel == "fwd":  # Q kept; K, V streamed
+        return stages * 2 * n * dp * e + m * dp * e
+    if kernel == "dq":  # Q, dO kept; K, V streamed
+        return stages * 2 * n * dp * e + 2 * m * dp * e
+    streamed = 2 * m * dp * e if kernel == "dkdv" else 3 * m * dp * e  # Q, dO (and O) per query tile
+    return stages * (streamed + 8 * m) + 2 * n * dp * e + 2 * m * n * e  # + LSE/delta; K, V; P, dS
+
+
+def _prune(kernel, configs, named_args, **kwargs):
+    """The configs whose tiles fit in shared memory (autotune's early_config_prune: nothing over
+    the limit is compiled). fp32 keeps only the first that fits: its "ieee" dots compile slowly and
+    spill, and it is the path for checking, not for speed."""
+    q = named_args["Q"]
+    fit = [c for c in configs if _config_bytes(kernel, c, kwargs.get("BLOCK_N"), kwargs["C0"] + kwargs["C1"],
+                                               q.element_size()) <= SHARED_MEMORY]
+    return fit[:1] if q.dtype == torch.float32 else fit
+
+
+def _config_bytes(kernel, config, block_n, dp, e):
+    """_shared_bytes of an autotune config (BLOCK_N from the launch when the config has none)."""
+    tile = {"BLOCK_N": block_n, **config.kwargs}
+    return _shared_bytes(kernel, tile["BLOCK_M"], tile["BLOCK_N"], config.num_stages, dp, e)
+
+
+_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+def _autotune(kernel, fn, tiles, stages):
+    """tiles: (BLOCK_M[, BLOCK_N], warps) tuples. The interpreter runs the first config alone;
+    `gpu_configs` keeps the full list, which decides where the kernels are taken (kernel_takes)."""
+    names = ("BLOCK_M", "BLOCK_N")[:len(tiles[0]) - 1]
+    configs = [triton.Config(dict(zip(names, t[:-1])), num_warps=t[-1], num_stages=st)
+               for t in tiles for st in stages]
+    autotuner = triton.autotune(configs[:1] if INTERPRET else configs, key=["L", "S", "D", "HAS_INDEX"],
+                                prune_configs_by={"early_config_prune": functools.partial(_prune, kernel)}, **_CACHE)(fn)
+    autotuner.kernel_name, autotuner.gpu_configs = kernel, configs
+    return autotuner
+
+
+_fwd = _autotune("fwd", _attn_fwd, [(64, 64, 4), (128, 64, 8), (128, 128, 8)], stages=(2, 3))
 # one K/V tile: nothing to pipeline, and more stages would only multiply its shared memory
-_fwd_one_tile = triton.autotune(_configs([{"BLOCK_M": 64}, {"BLOCK_M": 128}], stages=(1,)), key=KEY)(_attn_fwd)
-_bwd_one_tile = triton.autotune(_configs([{"BLOCK_M": 64}, {"BLOCK_M": 32}, {"BLOCK_M": 128}], stages=(1, 2)),
-                                key=KEY)(_attn_bwd_one_tile)
-_SPLIT_TILES = [{"BLOCK_M": 64, "BLOCK_N": 64}, {"BLOCK_M": 128, "BLOCK_N": 32}, {"BLOCK_M": 128, "BLOCK_N": 64}]
-_bwd_dq = triton.autotune(_configs(_SPLIT_TILES), key=KEY)(_attn_bwd_dq)
-_bwd_dkdv = triton.autotune(_configs([{"BLOCK_N": t["BLOCK_M"], "BLOCK_M": t["BLOCK_N"]} for t in _SPLIT_TILES]),
-                            key=KEY)(_attn_bwd_dkdv)
+_fwd_one_tile = _autotune("fwd", _attn_fwd, [(64, 4), (128, 8)], stages=(1,))
+_bwd_one_tile = _autotune("one_tile", _attn_bwd_one_tile, [(64, 4), (32, 4), (128, 8)], stages=(1, 2))
+_bwd_dq = _autotune("dq", _attn_bwd_dq, [(64, 64, 4), (128, 32, 8), (128, 64, 8)], stages=(2, 3))
+_bwd_dkdv = _autotune("dkdv", _attn_bwd_dkdv, [(64, 64, 4), (32, 128, 8), (64, 128, 8)], stages=(2, 3))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -449,11 +498,35 @@ class Attention(torch.autograd.Function):
                 q, k, v, do, dk_rows, dv_rows, lse, delta, index, *q.stride()[:3], *k.stride()[:3],
                 *dk_rows.stride()[:3], H, L, S, *scales, ALIGN=align, **meta)
         if kv_index is not None:  # rows that share a condition add their gradients
-            dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32).index_add_(0, kv_index, dk_rows)
-            dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32).index_add_(0, kv_index, dv_rows)
+            dk, dv = _sum_by_condition(dk_rows, kv_index, k.shape[0]), _sum_by_condition(dv_rows, kv_index, k.shape[0])
         else:
             dk, dv = dk_rows, dv_rows
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def _sum_by_condition(rows, kv_index, conditions):
+    """[C, ...] sums of per-row gradients [B, ...] over the rows of each condition, in fp32 and in
+    a fixed order (a masked sum over B): index_add_ adds with atomics on CUDA, so the result, and
+    with it a resumed run, would depend on the order the GPU happened to add in."""
+    member = kv_index[None, :] == torch.arange(conditions, device=kv_index.device)[:, None]  # [C, B]
+    member = member.view(conditions, -1, *[1] * (rows.dim() - 1))
+    return torch.where(member, rows.float()[None], 0.0).sum(1)
+
+
+def kernel_takes(q, k):
+    """Whether the kernels take attention over these inputs (else the reference runs): fp16, bf16
+    or fp32, a head dim up to MAX_HEAD_DIM (MAX_HEAD_DIM_FP32 in fp32), and for every kernel the
+    call would launch, some config that fits in shared memory."""
+    d, e = q.shape[-1], q.element_size()
+    if q.dtype not in KERNEL_DTYPES or d > MAX_HEAD_DIM:
+        return False
+    if q.dtype == torch.float32 and d > MAX_HEAD_DIM_FP32:
+        return False
+    c0, c1 = _split(d)
+    key_tile = _key_tile(k.shape[2])
+    kernels = (_fwd_one_tile, _bwd_one_tile) if key_tile else (_fwd, _bwd_dq, _bwd_dkdv)
+    return all(any(_config_bytes(t.kernel_name, c, key_tile, c0 + c1, e) <= SHARED_MEMORY for c in t.gpu_configs)
+               for t in kernels)
 
 
 def attention(q, k, v, scale=None, kv_index=None):
@@ -470,7 +543,7 @@ def attention(q, k, v, scale=None, kv_index=None):
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if q.shape[-1] > MAX_HEAD_DIM:
+    if not kernel_takes(q, k):
         return attention_ref(q, k, v, scale, kv_index)
     if q.numel() == 0:
         return q.new_empty(q.shape)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import geglu_ref
-from kernels.rounding import store_cast
+from kernels.rounding import KERNEL_DTYPES, store_cast
 
 SQRT_HALF = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -89,7 +89,7 @@ def geglu(x):
     Differentiable in x."""
     if x.dim() == 0 or x.shape[-1] % 2:
         raise ValueError(f"GEGLU needs an even last dimension, got shape {tuple(x.shape)}")
-    if x.numel() == 0:
+    if x.numel() == 0 or x.dtype not in KERNEL_DTYPES:
         return geglu_ref(x)
     return GEGLU.apply(x)
 

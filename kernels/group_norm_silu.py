@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import group_norm_silu_ref
-from kernels.rounding import store_cast
+from kernels.rounding import KERNEL_DTYPES, store_cast
 
 
 @triton.jit
@@ -168,7 +168,7 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, silu=True):
     Differentiable in x, weight and bias (no weight/bias: the unit affine, as F.group_norm)."""
     if x.dim() < 2 or x.shape[1] % num_groups:
         raise ValueError(f"group_norm_silu needs x [N, C, ...] with C divisible by {num_groups}, got {tuple(x.shape)}")
-    if x.numel() == 0:
+    if x.numel() == 0 or x.dtype not in KERNEL_DTYPES:
         return group_norm_silu_ref(x, num_groups, weight, bias, eps, silu)
     c = x.shape[1]
     weight = torch.ones(c, device=x.device, dtype=x.dtype) if weight is None else weight

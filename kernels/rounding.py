@@ -7,6 +7,7 @@ CPU and GPU. `store_cast` applies it only under the interpreter: on a GPU the ha
 """
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -21,6 +22,8 @@ def to_dtype(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
+# What the kernels compute in; anything else (the tests' fp64 references) takes the plain-torch path.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: the tests without a GPU
 RNE = tl.constexpr(INTERPRET)
 

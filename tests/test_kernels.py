@@ -4,7 +4,11 @@ inputs at sizes that do not divide the tiles. Without a GPU they run under Trito
 tests/helpers.py."""
 import pytest
 import torch
+import triton
 
+import kernels.attention as kattn
+import kernels.geglu as kgeglu
+import kernels.group_norm_silu as kgn
 from kernels.attention import attention
 from kernels.geglu import geglu
 from kernels.group_norm_silu import group_norm_silu
@@ -107,6 +111,82 @@ def test_attention_refuses_mismatched_rows():
         attention(q, k[:2], v[:2])
     with pytest.raises(ValueError, match="one entry per row"):
         attention(q, k, v, kv_index=torch.tensor([0, 1], device=DEVICE))
+
+
+# ---------------------------------------------------------------------------------------------
+# which inputs reach a kernel, and with what tiles
+
+def refuse(*args):
+    raise AssertionError("a kernel was launched")
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Every kernel's entry raises: whatever runs is the plain-torch path."""
+    for fn in (kattn.Attention, kgeglu.GEGLU, kgn.GroupNormSiLU):
+        monkeypatch.setattr(fn, "apply", refuse)
+
+
+def test_float64_never_reaches_a_kernel(no_launch):
+    """The tests' float64 references: tl.dot of fp64 tiles would not compile against fp32 accumulators."""
+    q, k, v, _, index = attention_inputs((5, 1, 130, 77, 80, [0, 3, 3, 0, 1], "blhd"), torch.float64)
+    x = torch.randn(2, 64, 6, 6, dtype=torch.float64, device=DEVICE)
+    norm = torch.nn.GroupNorm(32, 64).to(DEVICE, torch.float64)
+    h = torch.randn(3, 10, 2 * 40, dtype=torch.float64, device=DEVICE)
+    ops.use_kernels(True)
+    try:
+        assert torch.equal(ops.attention(q, k, v, kv_index=index), attention_ref(q, k, v, kv_index=index))
+        assert torch.equal(ops.group_norm_silu(x, norm), group_norm_silu_ref(x, 32, norm.weight, norm.bias, norm.eps))
+        assert torch.equal(ops.geglu(h), geglu_ref(h))
+    finally:
+        ops.use_kernels(None)
+
+
+def test_fp32_head_dim_160_takes_sdpa(no_launch):
+    """No one-tile backward fits fp32 at head dim 160 (237 KB at 32-row tiles), so SDPA runs it; the
+    16-bit dtypes and fp32 up to 128 keep the kernels."""
+    q, k, v, grad_out, _ = attention_inputs((2, 1, 20, 77, 160, None, "bhld"), torch.float32)
+    out, *grads = outputs_and_grads(attention, [q, k, v], grad_out)
+    ref, *ref_grads = outputs_and_grads(attention_ref, [q, k, v], grad_out)
+    assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert kattn.kernel_takes(q.bfloat16(), k.bfloat16()) and kattn.kernel_takes(q.half(), k.half())
+    assert kattn.kernel_takes(q[..., :128], k[..., :128])
+    assert not kattn.kernel_takes(q.double(), k.double())
+
+
+# What the sm_90 compiler allocated for these configs (Triton 3.6, measured when the kernels were first
+# compiled for Hopper): kernel, BLOCK_M, BLOCK_N, stages, head dim padded, bytes per element, bytes.
+COMPILER_SHARED_BYTES = [("fwd", 128, 128, 3, 160, 2, 286_720), ("fwd", 64, 64, 2, 48, 2, 30_720),
+                         ("dq", 128, 64, 3, 160, 2, 204_800), ("dkdv", 64, 128, 3, 160, 2, 238_592),
+                         ("dkdv", 64, 64, 2, 48, 2, 53_760), ("one_tile", 128, 128, 1, 160, 2, 196_608),
+                         ("one_tile", 32, 128, 1, 160, 4, 237_000)]
+
+
+@pytest.mark.parametrize("case", COMPILER_SHARED_BYTES, ids=lambda c: "-".join(map(str, c[:6])))
+def test_shared_memory_estimate_is_not_below_the_compiler(case):
+    *config, compiled = case
+    assert kattn._shared_bytes(*config) >= compiled
+
+
+def test_autotune_prunes_configs_over_shared_memory():
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=st)
+               for m, n in ((64, 64), (128, 64), (128, 128)) for st in (2, 3)]
+    q = torch.empty(1, 1, 1, 160, dtype=torch.bfloat16)
+    kept = kattn._prune("fwd", configs, {"Q": q}, C0=128, C1=32)
+    assert 0 < len(kept) < len(configs)  # 128 x 128 tiles with 3 stages need 287 KB
+    assert all(kattn._config_bytes("fwd", c, None, 160, 2) <= kattn.SHARED_MEMORY for c in kept)
+    assert kattn._prune("fwd", configs, {"Q": q.float()}, C0=32, C1=16) == configs[:1]  # fp32: one config
+
+
+def test_indexed_gradients_are_summed_without_atomics(monkeypatch):
+    """Per-condition dK, dV sums in a fixed order: index_add_ would add with atomics on CUDA."""
+    monkeypatch.setattr(torch.Tensor, "index_add_", refuse)
+    inputs = attention_inputs((5, 1, 30, 77, 40, [0, 3, 3, 0, 1], "blhd"), torch.float32)
+    q, k, v, grad_out, index = inputs
+    runs = [outputs_and_grads(attention, [q, k, v], grad_out, kv_index=index) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    ref = outputs_and_grads(attention_ref, [q.double(), k.double(), v.double()], grad_out.double(), kv_index=index)
+    assert all(rel_err(a, b) <= 1e-5 for a, b in zip(runs[0], ref))
 
 
 # ---------------------------------------------------------------------------------------------
