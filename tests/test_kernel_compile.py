@@ -1,0 +1,69 @@
+"""The kernels compiled for a Hopper GPU (sm_90) with no GPU here: every config the launchers can
+launch at SD1.5's shapes, in every dtype the dispatcher sends, must compile and fit the 232,448 B
+of shared memory a block may have; fp64 must reach no kernel (kernels/compile_check.py). One
+process per dtype, run side by side. Also: autotune results survive the process (the disk cache)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def run(*args, env=None):
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**ENV, "PYTHONPATH": ROOT, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_every_launched_config_compiles_for_sm90_and_fits():
+    procs = {dtype: run("-m", "kernels.compile_check", "--arch", "90", "--dtypes", dtype)
+             for dtype in ("bf16", "fp16", "fp32", "fp64")}
+    reports = {dtype: p.communicate(timeout=900)[0] for dtype, p in procs.items()}
+    for dtype, p in procs.items():
+        summary = [line for line in reports[dtype].splitlines() if line.startswith(("sm_90", "FAIL"))]
+        assert p.returncode == 0, f"{dtype}:\n" + "\n".join(summary or reports[dtype].splitlines()[-20:])
+        if dtype != "fp64":
+            assert " 0 failures" in summary[0] and "variants compiled" in summary[0], summary
+
+
+TUNE_TWICE = """
+import os, sys, json
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, triton
+from triton.runtime import autotuner, jit
+import kernels.compile_check as check
+triton.runtime.driver.set_active(check.TargetDriver(90))
+jit.JITFunction._do_compile = lambda *a, **k: None  # nothing compiled or launched: the tuning itself is under test
+timed = []
+def fake_bench(self, *args, config, **kwargs):  # a timing per config, as a GPU would measure
+    timed.append(str(config))
+    return [float(len(timed))] * 3
+autotuner.Autotuner._bench = fake_bench
+from kernels.attention import attention
+q = torch.empty(2, 1024, 8, 40, dtype=torch.bfloat16).transpose(1, 2).requires_grad_(True)
+o = attention(q, q.detach().clone().requires_grad_(True), q.detach().clone().requires_grad_(True))
+torch.autograd.grad(o, (q,), torch.empty_like(o))
+print(json.dumps(timed))
+"""
+
+
+@pytest.mark.slow
+def test_autotune_results_are_reused_by_a_new_process(tmp_path):
+    """The first process times every config (here a stand-in timing: no GPU) and triton writes the
+    results to its cache folder; a second process with the same folder times nothing. This checks
+    our autotuners are set up for triton's disk cache and that its key is stable across processes;
+    it does not time anything on a GPU."""
+    import json
+    import triton
+    from kernels.attention import _CACHE
+    if not _CACHE:
+        pytest.skip(f"triton {triton.__version__}'s autotune has no cache_results")
+    env = {"TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    first, second = (run("-c", TUNE_TWICE, env=env).communicate(timeout=300)[0] for _ in range(2))
+    timed = [json.loads(out.strip().splitlines()[-1]) for out in (first, second)]
+    assert len(timed[0]) >= 6, first  # forward, dQ, dK/dV: several configs each
+    assert timed[1] == [], second
