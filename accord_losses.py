@@ -1,8 +1,9 @@
-"""The training losses, as plain functions of tensors (SPEC section 4).
+"""The training losses, as plain functions of tensors (docs/method.md explains each).
 
 Each function is one formula; its docstring gives the formula so it can be checked line by line
 against the papers: ConceptPrism (reconstruction, exclusion; Algorithm 1) and ACCORD (DDLoss,
-eq. 8 and 11; PDLoss, eq. 14). A research fork changes a loss here and nowhere else.
+eq. 8 and 11; PDLoss, eq. 14). `loss_terms` reads the UNet's predictions by the names of their rows
+(model/conditions.py) and `total` weighs the terms: a research fork changes a loss here and nowhere else.
 
 Conventions: ||a - b||^2 is a mean over latent elements per sample, then a mean over the batch.
 `sg[x]` (stop-gradient) is applied inside the functions, so callers cannot forget it.
@@ -26,8 +27,8 @@ def reconstruction_loss(eps_pred, eps):
 def exclusion_loss(eps_residual, eps_null):
     """L_excl = mean_j ||U(z_t^j, t_j, E("<r_i>")) - sg[U(z_t^j, t_j, E(""))]||^2 (Algorithm 1 line 13).
 
-    The rows are the anchor images j != i. The paper sums over j; we average (SPEC section 4), which
-    only rescales beta when fewer than three anchors exist. The null prediction is a fixed target:
+    The rows are the anchor images j != i. The paper sums over j; we average, which only rescales beta
+    when fewer than three anchors exist (and keeps beta's meaning when there are). The null prediction is a fixed target:
     the residual tokens should act like no condition, not the other way round.
     """
     return squared_distance(eps_residual, eps_null.detach()).mean()
@@ -83,3 +84,32 @@ def pd_loss(f_p, f_s, f_g):
     cos_p = F.cosine_similarity(f_p, f_g, dim=-1)
     cos_s = F.cosine_similarity(f_s, f_g, dim=-1)
     return (cos_p - cos_s).abs().mean()
+
+
+def loss_terms(eps, noise, t, alphas_cumprod, dd_space="xprev", pd_features=None):
+    """Every loss term a step has, from the named predictions of model/conditions.py:
+
+        rec   reconstruction of the noise `noise` that made the `rec` rows (timesteps `t`)
+        excl  exclusion, when the anchor rows are there (anchor_g against sg[anchor_null])
+        dd    DDLoss, when the `p`, `g` and `null` rows are there
+        pd    PDLoss, when pd_features = (f_p, f_s, f_g) is given
+    """
+    terms = {"rec": reconstruction_loss(eps["rec"], noise.to(eps["rec"]))}
+    if "anchor_g" in eps:
+        terms["excl"] = exclusion_loss(eps["anchor_g"], eps["anchor_null"])
+    if "p" in eps:
+        device = eps["rec"].device
+        terms["dd"] = dd_loss(eps["rec"], eps["p"], eps["g"], eps["null"], t.to(device), alphas_cumprod.to(device),
+                              space=dd_space)
+    if pd_features is not None:
+        terms["pd"] = pd_loss(*pd_features)
+    return terms
+
+
+def total(terms, weights):
+    """L = L_rec + sum of weights[name] * term, for the terms present (weights: {"excl": beta, ...})."""
+    loss = terms["rec"]
+    for name, value in terms.items():
+        if name != "rec":
+            loss = loss + weights[name] * value
+    return loss

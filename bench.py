@@ -8,8 +8,11 @@ Stage-1 step (ConceptPrism + DDLoss, ten rows), done
   reference     the authors' way: one UNet call per condition, VAE encode and "" re-encoded every step
   one_graph     all ten rows in one UNet call and one autograd graph, stop rows detached after
   ours          gradient rows in one call, stop rows in a graph-free call, the conditions a shared table
+All three evaluate the same named rows (model/conditions.py) and the same loss terms
+(accord_losses.py); only the way the UNet is called differs, and the two baselines live here.
 Random weights (never zeros), burn-in then the median of timed steps (CUDA events on GPU).
-MFU: SPEC section 5's FLOP count for SD1.5 (13 TFLOP a step at 512 px) against the device's bf16 peak.
+MFU: the step's FLOPs (SD1.5 at 512 px: 0.80 TFLOP per forward row, 0.99 per input-only backward,
+counted with torch's FlopCounterMode on the real config) against the device's bf16 peak.
 """
 import argparse
 import resource
@@ -18,9 +21,9 @@ import time
 
 import torch
 
-from model import clip, ops, unet, vae
-from model.schedule import alphas_cumprod as make_alphas_cumprod
-from stage1_tokens import stage1_losses
+import accord_losses
+from model import clip, conditions, ops, run, unet, vae
+from model.schedule import add_noise, alphas_cumprod as make_alphas_cumprod
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 
@@ -81,6 +84,24 @@ def unet_flops(model_unet, latent, context, device, dtype, backward=False):
 
 # -------------------------------------------------------------------------------------------------
 
+def predict_per_condition(model_unet, table, rows):
+    """The reference way: one UNet call per group of rows, each with its condition repeated per row."""
+    eps = {}
+    for name, r in rows.items():
+        with torch.set_grad_enabled(r.grad and torch.is_grad_enabled()):
+            eps[name] = model_unet(r.x, r.t, table[r.index()]).float()
+    return eps
+
+
+def predict_one_graph(model_unet, table, rows):
+    """Every row in one call and one autograd graph; the stop rows detached afterwards."""
+    eps = conditions.unet_on(model_unet, table, list(rows.items()))
+    return {name: e if rows[name].grad else e.detach() for name, e in eps.items()}
+
+
+WAYS = {"reference": predict_per_condition, "one_graph": predict_one_graph, "ours": conditions.predict}
+
+
 def bench_step(args, device, dtype):
     sd15 = args.size == "sd15"
     ucfg, vcfg, ccfg = (unet.UNetConfig(), vae.VAEConfig(), clip.CLIPConfig()) if sd15 else \
@@ -105,7 +126,7 @@ def bench_step(args, device, dtype):
     gen = torch.Generator().manual_seed(0)
 
     def step(mode):
-        t = torch.randint(0, 1000, (4,), generator=gen).to(device)
+        t = torch.randint(0, len(alphas_cumprod), (4,), generator=gen).to(device)
         noise = torch.randn(4, *latent_shape, generator=gen).to(device, dtype)
         if mode == "reference":
             with torch.no_grad():  # the authors' code: every image and "" encoded again each step
@@ -113,15 +134,16 @@ def bench_step(args, device, dtype):
                 empty = encoder(empty_ids)
         else:
             latents, empty = cached_latents, cached_empty
-        conditions = encoder(ids, extra_embeddings=vectors.to(dtype))
-        terms = stage1_losses(model_unet, conditions, empty, latents[:1], latents[1:], t, noise, alphas_cumprod,
-                              with_dd=True, mode={"reference": "per_condition"}.get(mode, mode))
-        loss = terms["rec"] + 0.05 * terms["excl"] + 0.1 * terms["dd"]
-        loss.backward()
+        hidden = encoder(ids, extra_embeddings=vectors.to(dtype))
+        table = torch.cat([hidden, empty])
+        x = add_noise(latents, t, noise, alphas_cumprod)
+        rows = conditions.stage1_rows(x[:1], t[:1], x[1:], t[1:], with_dd=True)
+        terms = accord_losses.loss_terms(WAYS[mode](model_unet, table, rows), noise[:1], t[:1], alphas_cumprod)
+        accord_losses.total(terms, {"excl": 0.05, "dd": 0.1}).backward()
         vectors.grad = None
 
     measure = timer(device)
-    if sd15:  # SPEC section 5's count at 512 px (scaled by pixels elsewhere: attention makes it approximate)
+    if sd15:  # the count at 512 px, scaled by pixels elsewhere (attention makes that approximate)
         fwd, bwd = 0.803e12 * (resolution / 512) ** 2, 0.99e12 * (resolution / 512) ** 2
     else:  # torch's counter (it misses the attention core on CPU, so this errs low)
         fwd = unet_flops(model_unet, resolution // factor, ucfg.context_dim, device, dtype)
@@ -166,7 +188,7 @@ def bench_unet(args, device, dtype):
     ours = ours.to(device, dtype).eval()
     latent = (args.resolution or (256 if sd15 else 64)) // 8
     x = torch.randn(args.batch, 4, latent, latent, device=device, dtype=dtype)
-    t = torch.randint(0, 1000, (args.batch,), device=device)
+    t = torch.randint(0, 1000, (args.batch,), device=device)  # diffusers' UNet: SD's 1000 steps
     c = torch.randn(args.batch, 77, cfg.context_dim, device=device, dtype=dtype)
     measure = timer(device)
     with torch.no_grad():
@@ -187,7 +209,8 @@ def bench_sampling(args, device, dtype):
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(1, 4, latent, latent, generator=gen).to(device, dtype)
     cond, uncond = (torch.randn(1, 77, ucfg.context_dim, generator=gen).to(device, dtype) for _ in range(2))
-    ms = timer(device)(lambda: ddim_sample(model_unet, cond, uncond, z, steps=50), 1, max(1, args.iters // 3))
+    abar = make_alphas_cumprod()
+    ms = timer(device)(lambda: ddim_sample(model_unet, cond, uncond, z, abar, steps=50), 1, max(1, args.iters // 3))
     print(f"50-step sampling loop, {args.size}, latent {latent}x{latent}: {ms:.0f} ms")
     return ms
 
@@ -212,21 +235,22 @@ def bench_kernels(args, device, dtype):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--unet", action="store_true", help="UNet forward: ours vs diffusers")
     p.add_argument("--kernels", action="store_true", help="kernel tables, then the step with kernels on vs off")
     p.add_argument("--size", choices=["tiny", "sd15"], default=None, help="default sd15 on CUDA, tiny on CPU")
     p.add_argument("--resolution", type=int, default=None, help="image size in pixels")
     p.add_argument("--batch", type=int, default=1, help="rows per UNet call (--unet)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=list(run.PRECISIONS), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default=None, help="default cuda when available")
     p.add_argument("--ways", default="reference,one_graph,ours", help="which ways of the step to time")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     p.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
     args = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device, _, dtype = run.device_and_dtype(args.device, args.precision)
+    device = device.split(":")[0]
     args.size = args.size or ("sd15" if device == "cuda" else "tiny")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.dtype or ("bf16" if device == "cuda" else "fp32")]
     torch.manual_seed(0)
     if args.unet:
         bench_unet(args, device, dtype)

@@ -36,7 +36,7 @@ from model import clip, run, toyworld, unet, vae
 from model.errors import UserError
 from model.generate import generate, grid, save_png
 from model.loader import StableDiffusion, save_safetensors
-from model.schedule import alphas_cumprod
+from model.schedule import add_noise, alphas_cumprod
 from model.tokenizer import Tokenizer
 
 # The sizes: all three in fp16 together stay under 20 MB (8.6M parameters, 17.2 MB).
@@ -262,8 +262,7 @@ def main(argv=None):
         t = torch.randint(0, len(alphas), (b,), generator=generator).to(device)
         dropped = (torch.rand(b, generator=generator) < args.cfg_dropout).to(device)
         z = (pool_mean[index] + (0.5 * pool_logvar[index]).exp() * eps_posterior) * scale
-        abar = alphas[t].view(-1, 1, 1, 1)
-        z_t = abar.sqrt() * z + (1 - abar).sqrt() * eps
+        z_t = add_noise(z, t, eps, alphas)
         ids = torch.where(dropped[:, None], empty_ids, pool_ids[index])
         # Loose descriptions, drawn from (seed, step) alone so that --resume replays them.
         rng = np.random.default_rng([args.seed, LOOSE, step])

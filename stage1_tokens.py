@@ -6,21 +6,14 @@ ACCORD's DDLoss and PDLoss.
 Besides <v>, every photo i gets 8 residual tokens <r_i> that are free to absorb what is specific
 to that photo (background, pose, light). The exclusion loss pushes <r_i> to say nothing about the
 *other* photos, so what they share (the subject) can only live in <v>. The UNet stays frozen;
-only the new vectors train. Each step evaluates the UNet on up to ten rows (SPEC section 4):
-
-  row  latent      condition    gradient          row  latent      condition  gradient
-  1    z_t^i       <v> <r_i>    yes (L_rec, DD)   5-7  z_tj^j      <r_i>      yes (L_excl)
-  2    z_t^i       <v>          yes (DD)          8-10 z_tj^j      ""         stop
-  3    z_t^i       <r_i>        stop (DD)
-  4    z_t^i       ""           stop (DD)
-
-Only four distinct conditions exist, so the text encoder runs on those four and the rows index
-them; the UNet runs once on the gradient rows and once, without a graph, on the stop rows.
-Without DDLoss rows 2-4 disappear.
+only the new vectors train. Each step evaluates the UNet on up to ten rows, named in
+model/conditions.py (rec, p, g, null, anchor_g, anchor_null) and read by name by the losses in
+accord_losses.py; docs/method.md has the table and the formulas. Only four distinct conditions
+exist, so the text encoder runs on those four and the rows index them; the UNet runs once on the
+gradient rows and once, without a graph, on the stop rows. Without DDLoss rows p, g, null disappear.
 """
 import argparse
 import json
-import math
 import os
 import time
 
@@ -29,40 +22,51 @@ from tqdm import tqdm
 
 import accord_losses
 import model
-from model import run
+from model import conditions, run
 from model.data import NEUTRAL_CAPTION, load_images
 from model.generate import generate, grid, save_png
+from model.schedule import add_noise
 
 
 # -------------------------------------------------------------------------------------------------
 # settings
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--images", required=True, help="folder of 2-6 photos of one subject (NN.txt captions beside them)")
-    p.add_argument("--model", default=model.DEFAULT_MODEL, help="SD1.5 .safetensors file, diffusers folder or hub id "
-                   "(default: the embedded toy model)")
-    p.add_argument("--out", default=None, help="run folder (default runs/<images folder name>)")
-    p.add_argument("--captions", default=None, help="JSON file mapping image file names to captions")
-    p.add_argument("--steps", type=int, default=200, help="optimisation steps")
-    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
-    p.add_argument("--weight_decay", type=float, default=1e-2, help="AdamW weight decay on the new vectors")
-    p.add_argument("--beta", type=float, default=0.05, help="weight of the cross-image exclusion loss")
-    p.add_argument("--target_vectors", type=int, default=1, help="vectors <v> stands for (1 in both papers)")
-    p.add_argument("--residuals", type=int, default=8, help="residual tokens per image (0: textual inversion, <v> alone)")
-    p.add_argument("--dd_weight", type=float, default=0.0, help="ACCORD DDLoss weight (0 = off; paper: 0.1-0.3)")
-    p.add_argument("--dd_space", choices=["xprev", "eps"], default="xprev", help="DDLoss in posterior-mean or eps space")
-    p.add_argument("--pd_weight", type=float, default=0.0, help="ACCORD PDLoss weight (0 = off; paper: 0.001-0.003)")
-    p.add_argument("--superclass", default=None, help="PDLoss superclass word, e.g. dog (PDLoss needs it)")
-    p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's, 512 for SD)")
-    p.add_argument("--seed", type=int, default=42, help="seed for initialisation, noise and sampling")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", default=None, help="default cuda when available")
-    p.add_argument("--save_every", type=int, default=50, help="checkpoint every this many steps")
-    p.add_argument("--val_steps", type=int, default=50, help="DDIM steps of the final validation grid (0 = no grid)")
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    p.add_argument("--nan_at_step", type=int, default=None, help=argparse.SUPPRESS)  # fault-injection for tests
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = p.add_argument_group("I/O")
+    io.add_argument("--images", required=True, help="folder of 2-6 photos of one subject (NN.txt captions beside them)")
+    io.add_argument("--captions", default=None, help="JSON file mapping image file names to captions")
+    io.add_argument("--model", default=model.DEFAULT_MODEL, help="SD1.5 .safetensors file, diffusers folder or hub "
+                    "id (default: the embedded toy model)")
+    io.add_argument("--out", default=None, help="run folder (default runs/<images folder name>)")
+    io.add_argument("--save_every", type=int, default=50, help="checkpoint every this many steps")
+    io.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    io.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    method = p.add_argument_group("method")
+    method.add_argument("--target_vectors", type=int, default=1, help="vectors <v> stands for (1 in both papers)")
+    method.add_argument("--residuals", type=int, default=8, help="residual tokens per image (0: textual inversion, "
+                        "<v> alone)")
+    method.add_argument("--beta", type=float, default=0.05, help="weight of the cross-image exclusion loss")
+    method.add_argument("--dd_weight", type=float, default=0.0, help="ACCORD DDLoss weight (0 = off; paper: 0.1-0.3)")
+    method.add_argument("--dd_space", choices=["xprev", "eps"], default="xprev", help="DDLoss in posterior-mean or "
+                        "eps space")
+    method.add_argument("--pd_weight", type=float, default=0.0, help="ACCORD PDLoss weight (0 = off; paper: "
+                        "0.001-0.003)")
+    method.add_argument("--superclass", default=None, help="PDLoss superclass word, e.g. dog (PDLoss needs it)")
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--steps", type=int, default=200, help="optimisation steps")
+    optim.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
+    optim.add_argument("--weight_decay", type=float, default=1e-2, help="AdamW weight decay on the new vectors")
+    system = p.add_argument_group("data and system")
+    system.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's, "
+                        "512 for SD)")
+    system.add_argument("--seed", type=int, default=42, help="seed for initialisation, noise and sampling")
+    system.add_argument("--precision", choices=list(run.PRECISIONS), default=None, help="frozen model dtype "
+                        "(default bf16 on CUDA, fp32 on CPU)")
+    system.add_argument("--device", default=None, help="default cuda when available")
+    system.add_argument("--val_steps", type=int, default=50, help="DDIM steps of the final validation grid "
+                        "(0 = no grid)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.target_vectors < 1 or args.lr <= 0 or \
             min(args.beta, args.dd_weight, args.pd_weight, args.residuals) < 0:
@@ -76,72 +80,15 @@ def parse_args(argv=None):
     return args
 
 
-# -------------------------------------------------------------------------------------------------
-# the step
-
-def draw(generator, n_images, n_anchors, latent_shape):
-    """The random choices of one step, all from one CPU generator so --resume replays them."""
+def random_choices(generator, n_images, n_anchors, latent_shape, num_train_steps):
+    """The random choices of one step (photo i, anchor photos, timesteps, noise), all from one CPU
+    generator so --resume replays them."""
     i = int(torch.randint(n_images, (1,), generator=generator))
     others = [j for j in range(n_images) if j != i]
     anchors = [others[k] for k in torch.randperm(len(others), generator=generator)[:n_anchors].tolist()]
-    t = torch.randint(0, 1000, (1 + n_anchors,), generator=generator)
+    t = torch.randint(0, num_train_steps, (1 + n_anchors,), generator=generator)
     noise = torch.randn(1 + n_anchors, *latent_shape, generator=generator)
     return i, anchors, t, noise
-
-
-def noisy(latents, t, noise, alphas_cumprod):
-    """z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps."""
-    abar = alphas_cumprod[t].view(-1, 1, 1, 1).to(latents.dtype)
-    return abar.sqrt() * latents + (1 - abar).sqrt() * noise
-
-
-def stage1_losses(unet, conditions, empty, z_i, z_anchors, t, noise, alphas_cumprod, with_dd, dd_space="xprev",
-                  mode="ours"):
-    """Loss terms of one step. conditions: [3, 77, D] text-encoder output (with grad) for
-    "<v> <r_i>", "<v>", "<r_i>"; empty: [1, 77, D] for "". z_i [1,4,h,w], z_anchors [K,4,h,w],
-    t [1+K] (t[0] for image i), noise [1+K,4,h,w] (noise[0] for image i).
-
-    mode "ours": one UNet call on the gradient rows, one graph-free call on the stop rows, the
-    cross-attention reading a table of the four conditions. "per_condition": the reference way,
-    one UNet call per condition. "one_graph": every row in one call and one graph, the stop rows
-    detached afterwards (what batching without care costs)."""
-    k = z_anchors.shape[0]
-    x_i = noisy(z_i, t[:1], noise[:1], alphas_cumprod)
-    x_j = noisy(z_anchors, t[1:], noise[1:], alphas_cumprod)
-    table = torch.cat([conditions, empty.to(conditions.dtype)])  # rows index it: 0 pg, 1 p, 2 g, 3 ""
-    PG, P, G, NULL = 0, 1, 2, 3
-
-    # (latent, timesteps, condition) groups, in the order the loss terms read them
-    grad_rows = [(x_i, t[:1], PG)] + ([(x_i, t[:1], P)] if with_dd else []) + [(x_j, t[1:], G)] * (k > 0)
-    stop_rows = ([(x_i, t[:1], G), (x_i, t[:1], NULL)] if with_dd else []) + [(x_j, t[1:], NULL)] * (k > 0)
-
-    def batched(rows, table):
-        x = torch.cat([r[0] for r in rows])
-        index = torch.cat([torch.full((len(r[1]),), r[2], device=x.device) for r in rows])
-        return list(unet(x, torch.cat([r[1] for r in rows]), table, index).split([len(r[1]) for r in rows]))
-
-    if mode == "ours":
-        eps_grad = batched(grad_rows, table)
-        with torch.no_grad():
-            eps_stop = batched(stop_rows, table.detach()) if stop_rows else []
-    elif mode == "per_condition":
-        eps_grad = [unet(x, tt, table[c].expand(len(tt), -1, -1)) for x, tt, c in grad_rows]
-        with torch.no_grad():
-            eps_stop = [unet(x, tt, table[c].expand(len(tt), -1, -1)) for x, tt, c in stop_rows]
-    elif mode == "one_graph":
-        eps_all = batched(grad_rows + stop_rows, table)
-        eps_grad, eps_stop = eps_all[:len(grad_rows)], [e.detach() for e in eps_all[len(grad_rows):]]
-    else:
-        raise ValueError(f"unknown mode {mode}")
-
-    eps_pg = eps_grad[0].float()
-    terms = {"rec": accord_losses.reconstruction_loss(eps_pg, noise[:1].to(eps_pg))}
-    if k > 0:
-        terms["excl"] = accord_losses.exclusion_loss(eps_grad[-1].float(), eps_stop[-1].float())
-    if with_dd:
-        terms["dd"] = accord_losses.dd_loss(eps_pg, eps_grad[1].float(), eps_stop[0].float(), eps_stop[1].float(),
-                                            t[:1].to(eps_pg.device), alphas_cumprod.to(eps_pg.device), space=dd_space)
-    return terms
 
 
 def main(argv=None):
@@ -180,10 +127,10 @@ def main(argv=None):
     sd.tokenizer.add_tokens(sum(residual_tokens, []))
     encoder = sd.text_encoder
     with torch.no_grad():
-        table = encoder.embeddings.token_embedding.weight.float()
+        vocabulary = encoder.embeddings.token_embedding.weight.float()
         init_gen = torch.Generator().manual_seed(args.seed)
-        target0 = table.mean(0) + table.std(0) * torch.randn(args.target_vectors, table.shape[1],
-                                                             generator=init_gen).to(table.device)
+        target0 = vocabulary.mean(0) + vocabulary.std(0) * torch.randn(args.target_vectors, vocabulary.shape[1],
+                                                                       generator=init_gen).to(vocabulary.device)
         # Residuals start at the mean of the caption's contextual embeddings (BOS < position < first EOS).
         ids = sd.tokenizer([c or NEUTRAL_CAPTION for c in captions]).to(device)  # an empty caption has no tokens
         hidden = encoder(ids).float()
@@ -215,13 +162,14 @@ def main(argv=None):
             f_s = encoder.pooled(sd.tokenizer([f"a photo of {args.superclass}"]).to(device)).float()
             f_g = encoder.pooled(sd.tokenizer(captions).to(device)).float()
     alphas_cumprod = sd.alphas_cumprod.to(device)
+    weights = {"excl": beta, "dd": args.dd_weight, "pd": args.pd_weight}
 
     start = 0
     if args.resume:
         start, _ = run.load_checkpoint(checkpoint_path, params, optimizer, generator)
         print(f"resuming at step {start}")
     log = run.Log(os.path.join(args.out, "stage1_log.jsonl"), resume_step=start if args.resume else None)
-    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "nan_at_step")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
     settings.update(beta=beta, resolution=resolution, precision=precision, device=device,
                     images=os.path.abspath(args.images),  # stage 2 finds them from anywhere
                     model=os.path.abspath(args.model) if os.path.exists(args.model) else args.model)
@@ -232,18 +180,20 @@ def main(argv=None):
     for step in bar:
         t0 = time.perf_counter()
         rng_before = generator.get_state()  # a checkpoint taken inside this step must replay it
-        i, anchors, t, noise = draw(generator, n, n_anchors, latents.shape[1:])
+        i, anchors, t, noise = random_choices(generator, n, n_anchors, latents.shape[1:], len(alphas_cumprod))
+        t, noise = t.to(device), noise.to(device, dtype)
+        # the four conditions of photo i (and PDLoss's prompt), then the UNet rows that read them
         ids = torch.cat([ids_pg[i:i + 1], ids_p, ids_g[i:i + 1]] + ([ids_pd] if args.pd_weight > 0 else []))
         hidden = encoder(ids, extra_embeddings=extra_embeddings())
-        terms = stage1_losses(sd.unet, hidden[:3], empty, latents[i:i + 1], latents[anchors],
-                              t.to(device), noise.to(device, dtype), alphas_cumprod, with_dd, args.dd_space)
-        loss = terms["rec"] + beta * terms.get("excl", 0.0) + args.dd_weight * terms.get("dd", 0.0)
+        table = torch.cat([hidden[:3], empty.to(hidden.dtype)])  # as conditions.STAGE1
+        x_i = add_noise(latents[i:i + 1], t[:1], noise[:1], alphas_cumprod)
+        x_anchors = add_noise(latents[anchors], t[1:], noise[1:], alphas_cumprod)
+        eps = conditions.predict(sd.unet, table, conditions.stage1_rows(x_i, t[:1], x_anchors, t[1:], with_dd))
+        pd_features = None
         if args.pd_weight > 0:
-            f_p = encoder.pooled_from_hidden(hidden[3:], ids[3:]).float()
-            terms["pd"] = accord_losses.pd_loss(f_p, f_s, f_g)
-            loss = loss + args.pd_weight * terms["pd"]
-        if args.nan_at_step == step:
-            loss = loss * float("nan")
+            pd_features = (encoder.pooled_from_hidden(hidden[3:], ids[3:]).float(), f_s, f_g)
+        terms = accord_losses.loss_terms(eps, noise[:1], t[:1], alphas_cumprod, args.dd_space, pd_features)
+        loss = accord_losses.total(terms, weights)
         if not torch.isfinite(loss):
             generator.set_state(rng_before)
             run.save_checkpoint(checkpoint_path, params, optimizer, generator, step, {"settings": json.dumps(settings)})

@@ -19,34 +19,43 @@ from tqdm import tqdm
 
 import accord_losses
 import model
-from model import lora, run
+from model import conditions, lora, run
 from model.data import load_images
 from model.generate import generate, grid, save_png
-from stage1_tokens import noisy
+from model.schedule import add_noise
 
 
 # -------------------------------------------------------------------------------------------------
 # settings
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="the run folder stage 1 wrote")
-    p.add_argument("--images", default=None, help="reference photos (default: the folder stage 1 used)")
-    p.add_argument("--model", default=None, help="model (default: the one stage 1 used)")
-    p.add_argument("--steps", type=int, default=120, help="optimisation steps (the authors find ~120 best)")
-    p.add_argument("--lr", type=float, default=4e-4, help="AdamW learning rate")
-    p.add_argument("--batch", type=int, default=4, help="images per step")
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=4.0, help="LoRA alpha (scale = alpha / rank)")
-    p.add_argument("--dd_weight", type=float, default=0.0, help="ACCORD DDLoss weight (0 = off)")
-    p.add_argument("--dd_space", choices=["xprev", "eps"], default="xprev", help="DDLoss in posterior-mean or eps space")
-    p.add_argument("--seed", type=int, default=42, help="seed for noise and sampling")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", default=None, help="default cuda when available")
-    p.add_argument("--save_every", type=int, default=50, help="checkpoint every this many steps")
-    p.add_argument("--val_steps", type=int, default=50, help="DDIM steps of the final validation grid (0 = no grid)")
-    p.add_argument("--resume", action="store_true", help="continue the unfinished stage 2 in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished stage 2 in --out")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = p.add_argument_group("I/O")
+    io.add_argument("--out", required=True, help="the run folder stage 1 wrote")
+    io.add_argument("--images", default=None, help="reference photos (default: the folder stage 1 used)")
+    io.add_argument("--model", default=None, help="model (default: the one stage 1 used)")
+    io.add_argument("--save_every", type=int, default=50, help="checkpoint every this many steps")
+    io.add_argument("--resume", action="store_true", help="continue the unfinished stage 2 in --out")
+    io.add_argument("--overwrite", action="store_true", help="replace a finished stage 2 in --out")
+    method = p.add_argument_group("method")
+    method.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    method.add_argument("--alpha", type=float, default=4.0, help="LoRA alpha (scale = alpha / rank)")
+    method.add_argument("--dd_weight", type=float, default=0.0, help="ACCORD DDLoss weight (0 = off)")
+    method.add_argument("--dd_space", choices=["xprev", "eps"], default="xprev", help="DDLoss in posterior-mean or "
+                        "eps space")
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--steps", type=int, default=120, help="optimisation steps (the authors find ~120 best)")
+    optim.add_argument("--lr", type=float, default=4e-4, help="AdamW learning rate")
+    optim.add_argument("--weight_decay", type=float, default=1e-2, help="AdamW weight decay on the LoRA weights")
+    optim.add_argument("--batch", type=int, default=4, help="images per step")
+    system = p.add_argument_group("system")
+    system.add_argument("--seed", type=int, default=42, help="seed for noise and sampling")
+    system.add_argument("--precision", choices=list(run.PRECISIONS), default=None, help="frozen model dtype "
+                        "(default bf16 on CUDA, fp32 on CPU)")
+    system.add_argument("--device", default=None, help="default cuda when available")
+    system.add_argument("--val_steps", type=int, default=50, help="DDIM steps of the final validation grid "
+                        "(0 = no grid)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.lr <= 0 or args.batch < 1 or args.rank < 1 or args.dd_weight < 0:
         raise model.UserError("--steps, --batch and --rank must be >= 1, --lr > 0, --dd_weight >= 0")
@@ -76,17 +85,16 @@ def main(argv=None):
     extra = torch.cat([target, residual.flatten(0, 1)]).to(device, dtype)
     with_dd = args.dd_weight > 0
 
-    # Frozen tokens: every condition's embedding once. Table rows: pg_0..pg_{n-1}, g_0..g_{n-1}, p, "".
+    # Frozen tokens: every condition's embedding once, in conditions.stage2_table_layout's order.
     with_r = [" ".join(r) for r in residual_tokens]
     prompts = [f"{run.TARGET_TOKEN} {r}" for r in with_r] + with_r + [run.TARGET_TOKEN, ""]
     with torch.no_grad():
         table = sd.text_encoder(sd.tokenizer(prompts).to(device), extra_embeddings=extra)
         latents = torch.cat([sd.vae.encode(x[None].to(device, dtype))[0] for x in refs.images]) * sd.vae.scaling_factor
-    P, NULL = 2 * n, 2 * n + 1
     alphas_cumprod = sd.alphas_cumprod.to(device)
 
     params = {f"lora{k}": p for k, p in enumerate(lora.add_lora(sd.unet, args.rank, args.alpha))}
-    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=precision == "fp16")
     generator = torch.Generator().manual_seed(args.seed)
     start = 0
@@ -104,23 +112,13 @@ def main(argv=None):
         t0 = time.perf_counter()
         rng_before = generator.get_state()  # a checkpoint taken inside this step must replay it
         i = torch.randint(n, (args.batch,), generator=generator)
-        t = torch.randint(0, 1000, (args.batch,), generator=generator)
+        t = torch.randint(0, len(alphas_cumprod), (args.batch,), generator=generator)
         noise = torch.randn(args.batch, *latents.shape[1:], generator=generator).to(device, dtype)
-        x = noisy(latents[i.to(device)], t.to(device), noise, alphas_cumprod)
-        t = t.to(device)
-        i = i.to(device)
-        if with_dd:  # rows: pg and p with gradient, then g and "" without
-            eps = sd.unet(torch.cat([x, x]), torch.cat([t, t]), table, torch.cat([i, torch.full_like(i, P)]))
-            eps_pg, eps_p = eps.float().chunk(2)
-            with torch.no_grad():
-                eps_stop = sd.unet(torch.cat([x, x]), torch.cat([t, t]), table, torch.cat([n + i, torch.full_like(i, NULL)]))
-            eps_g, eps_0 = eps_stop.float().chunk(2)
-        else:
-            eps_pg = sd.unet(x, t, table, i).float()
-        terms = {"rec": accord_losses.reconstruction_loss(eps_pg, noise.float())}
-        if with_dd:
-            terms["dd"] = accord_losses.dd_loss(eps_pg, eps_p, eps_g, eps_0, t, alphas_cumprod, space=args.dd_space)
-        loss = terms["rec"] + args.dd_weight * terms.get("dd", 0.0)
+        i, t = i.to(device), t.to(device)
+        x = add_noise(latents[i], t, noise, alphas_cumprod)
+        eps = conditions.predict(sd.unet, table, conditions.stage2_rows(x, t, i, n, with_dd))
+        terms = accord_losses.loss_terms(eps, noise, t, alphas_cumprod, args.dd_space)
+        loss = accord_losses.total(terms, {"dd": args.dd_weight})
         if not torch.isfinite(loss):
             generator.set_state(rng_before)
             run.save_checkpoint(checkpoint_path, params, optimizer, generator, step)

@@ -33,7 +33,7 @@ def generate(sd, prompts, extra_embeddings=None, seed=0, steps=50, guidance=7.5,
         cond = encode_prompts(sd, chunk, extra_embeddings)
         uncond = uncond_one.expand(len(chunk), -1, -1)
         z = ddim_sample(sd.unet, cond, uncond, noise[start:start + batch].to(weight.device, weight.dtype),
-                        steps=steps, guidance=guidance)
+                        sd.alphas_cumprod, steps=steps, guidance=guidance)
         x = sd.vae.decode(z / sd.vae.scaling_factor)
         images.append((x.float() / 2 + 0.5).clamp(0, 1).cpu())
     return torch.cat(images)

@@ -36,7 +36,7 @@ def report_user_errors():
     sys.excepthook = hook
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def device_and_dtype(device, precision):
@@ -45,7 +45,7 @@ def device_and_dtype(device, precision):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: this machine has no CUDA device")
     precision = precision or ("bf16" if device.startswith("cuda") else "fp32")
-    return device, precision, DTYPES[precision]
+    return device, precision, PRECISIONS[precision]
 
 
 def optimizer_step(loss, optimizer, scaler, params, max_norm=1.0):
@@ -60,13 +60,6 @@ def optimizer_step(loss, optimizer, scaler, params, max_norm=1.0):
 
 def warn(message):
     print(f"warning: {message}", file=sys.stderr)
-
-
-def write_json(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def prepare_out(out, stage, resume, overwrite):

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import stage1_tokens
-from model import ops, unet
-from model.schedule import alphas_cumprod
+import accord_losses
+from model import conditions, ops, unet
+from model.schedule import add_noise, alphas_cumprod
 from tests.helpers import DEVICE, assert_close_as_torch, randomize, rel_err
 
 
@@ -30,13 +30,16 @@ def stage1_step(model, device, dtype, kernels_on):
     try:
         gen = torch.Generator().manual_seed(1)
         ctx = lambda *s: torch.randn(*s, generator=gen).to(device, dtype)
-        conditions = ctx(3, 77, unet.TINY.context_dim).requires_grad_(True)
+        prompts = ctx(3, 77, unet.TINY.context_dim).requires_grad_(True)
+        table = torch.cat([prompts, ctx(1, 77, unet.TINY.context_dim)])
         z, noise = ctx(4, 4, 8, 8), ctx(4, 4, 8, 8)
         t = torch.tensor([3, 500, 800, 999], device=device)
-        terms = stage1_tokens.stage1_losses(model, conditions, ctx(1, 77, unet.TINY.context_dim), z[:1], z[1:], t,
-                                            noise, alphas_cumprod().to(device), with_dd=True)
-        loss = terms["rec"] + 0.05 * terms["excl"] + 0.1 * terms["dd"]
-        grad, = torch.autograd.grad(loss, conditions)
+        abar = alphas_cumprod().to(device)
+        x = add_noise(z, t, noise, abar)
+        eps = conditions.predict(model, table, conditions.stage1_rows(x[:1], t[:1], x[1:], t[1:], with_dd=True))
+        terms = accord_losses.loss_terms(eps, noise[:1], t[:1], abar)
+        loss = accord_losses.total(terms, {"excl": 0.05, "dd": 0.1})
+        grad, = torch.autograd.grad(loss, prompts)
         return loss.detach(), grad
     finally:
         ops.use_kernels(None)

@@ -17,5 +17,5 @@ def test_guided_sampling_equals_stable_diffusion_pipeline(tmp_path, steps):
         theirs = pipe(prompt=prompts, latents=latents.clone(), num_inference_steps=steps, guidance_scale=7.5,
                       height=32, width=32, output_type="latent").images
     cond, uncond = encode_prompts(sd, prompts), encode_prompts(sd, [""] * 2)
-    ours = model.ddim_sample(sd.unet, cond, uncond, latents.clone(), steps=steps, guidance=7.5)
+    ours = model.ddim_sample(sd.unet, cond, uncond, latents.clone(), sd.alphas_cumprod, steps=steps, guidance=7.5)
     assert ((ours - theirs).norm() / theirs.norm()).item() <= 1e-4

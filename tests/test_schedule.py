@@ -4,7 +4,9 @@ import torch
 from diffusers import DDIMScheduler
 
 from model.errors import UserError
-from model.schedule import alphas_cumprod, ddim_sample, ddim_step, ddim_timesteps
+from model.schedule import add_noise, alphas_cumprod, ddim_sample, ddim_step, ddim_timesteps
+
+ABAR = alphas_cumprod()
 
 SD_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
@@ -24,12 +26,12 @@ def test_alphas_cumprod():
 
 
 def test_timesteps():
-    assert ddim_timesteps(50) == list(range(981, 0, -20))
+    assert ddim_timesteps(50, 1000) == list(range(981, 0, -20))
     for steps in (1, 7, 20, 25, 50, 333, 999):
-        assert ddim_timesteps(steps) == scheduler(steps).timesteps.tolist(), steps
+        assert ddim_timesteps(steps, 1000) == scheduler(steps).timesteps.tolist(), steps
     for bad in (0, -3, 1000):
         with pytest.raises(UserError):
-            ddim_timesteps(bad)
+            ddim_timesteps(bad, 1000)
 
 
 @pytest.mark.parametrize("steps", [50, 20])
@@ -40,7 +42,7 @@ def test_every_step_matches_diffusers(steps, eta):
     for t in ref.timesteps:
         x, eps, noise = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
         expected = ref.step(eps, t, x, eta=eta, variance_noise=noise if eta else None).prev_sample
-        got = ddim_step(x, eps, int(t), int(t) - 1000 // steps, eta=eta, noise=noise)
+        got = ddim_step(x, eps, int(t), int(t) - 1000 // steps, ABAR, eta=eta, noise=noise)
         assert torch.equal(got, expected), int(t)
 
 
@@ -50,10 +52,10 @@ def test_step_noise_from_generator_and_low_precision():
     x, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     for t in (int(ref.timesteps[0]), int(ref.timesteps[-1])):
         expected = ref.step(eps, t, x, eta=1.0, generator=torch.Generator().manual_seed(3)).prev_sample
-        got = ddim_step(x, eps, t, t - 50, eta=1.0, generator=torch.Generator().manual_seed(3))
+        got = ddim_step(x, eps, t, t - 50, ABAR, eta=1.0, generator=torch.Generator().manual_seed(3))
         assert torch.equal(got, expected)
         x16, eps16 = x.bfloat16(), eps.bfloat16()
-        got = ddim_step(x16, eps16, t, t - 50)
+        got = ddim_step(x16, eps16, t, t - 50, ABAR)
         assert got.dtype == torch.bfloat16 and torch.equal(got, ref.step(eps16, t, x16).prev_sample)
 
 
@@ -97,7 +99,7 @@ def test_sampling_loop_matches_diffusers(steps, guidance, eta):
     latents = torch.randn(3, 4, 8, 8, generator=gen)
     unet = FakeUNet()
     done = []
-    ours = ddim_sample(unet, cond, uncond, latents, steps=steps, guidance=guidance, eta=eta,
+    ours = ddim_sample(unet, cond, uncond, latents, ABAR, steps=steps, guidance=guidance, eta=eta,
                        generator=torch.Generator().manual_seed(2), progress=lambda i, n: done.append((i, n)))
     # One unet call per step, uncond and cond batched together when guided.
     assert unet.batches == [6 if guidance > 1 else 3] * steps
@@ -112,6 +114,39 @@ def test_single_unconditional_row_is_shared():
     cond, uncond = torch.randn(2, 77, 16, generator=gen), torch.randn(1, 77, 16, generator=gen)
     latents = torch.randn(2, 4, 8, 8, generator=gen)
     unet = FakeUNet()
-    ours = ddim_sample(unet, cond, uncond, latents, steps=10)
-    assert torch.equal(ours, ddim_sample(unet, cond, uncond.expand(2, -1, -1), latents, steps=10))
+    ours = ddim_sample(unet, cond, uncond, latents, ABAR, steps=10)
+    assert torch.equal(ours, ddim_sample(unet, cond, uncond.expand(2, -1, -1), latents, ABAR, steps=10))
     assert torch.equal(ours, diffusers_loop(unet, cond, uncond.expand(2, -1, -1), latents, 10, 7.5, 0.0, None))
+
+
+def test_sampling_follows_the_schedule_it_is_given():
+    """One schedule: a fork that trains on another schedule samples on it too (it is an argument,
+    its length is T), and it matches diffusers configured with the same betas."""
+    other = alphas_cumprod(num_steps=500, beta_start=0.0001, beta_end=0.02)
+    gen = torch.Generator().manual_seed(6)
+    cond, uncond = torch.randn(2, 77, 16, generator=gen), torch.randn(2, 77, 16, generator=gen)
+    latents = torch.randn(2, 4, 8, 8, generator=gen)
+    ours = ddim_sample(FakeUNet(), cond, uncond, latents, other, steps=10)
+    assert not torch.equal(ours, ddim_sample(FakeUNet(), cond, uncond, latents, ABAR, steps=10))
+    ref = DDIMScheduler(**dict(SD_CONFIG, num_train_timesteps=500, beta_start=0.0001, beta_end=0.02))
+    assert torch.equal(ref.alphas_cumprod, other)
+    ref.set_timesteps(10)
+    assert ddim_timesteps(10, 500) == ref.timesteps.tolist()
+
+
+def test_add_noise_is_the_forward_process_and_exact_in_low_precision():
+    """z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps, as diffusers' add_noise; in bf16 the result is the
+    fp32 one rounded once, at every t including 0 and 1 (where bf16 abar would round to 1)."""
+    gen = torch.Generator().manual_seed(7)
+    z, eps = torch.randn(1000, 4, 2, 2, generator=gen), torch.randn(1000, 4, 2, 2, generator=gen)
+    t = torch.arange(1000)
+    got = add_noise(z, t, eps, ABAR)
+    assert torch.allclose(got, DDIMScheduler(**SD_CONFIG).add_noise(z, eps, t), rtol=0, atol=1e-6)
+    z16, eps16 = z.bfloat16(), eps.bfloat16()
+    got16 = add_noise(z16, t, eps16, ABAR)
+    assert got16.dtype == torch.bfloat16
+    assert torch.equal(got16, add_noise(z16.float(), t, eps16.float(), ABAR).bfloat16())
+    # what casting abar to bf16 first did: no noise at all at t = 0 and 1
+    abar16 = ABAR.bfloat16()
+    assert abar16[0] == 1 and abar16[1] == 1
+    assert not torch.equal(got16[:2], z16[:2])

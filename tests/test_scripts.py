@@ -1,9 +1,8 @@
-"""The three scripts on a tiny random model: the batched step equals the plain one, stage 1 ->
-stage 2 -> sample end to end, exports other tools load, exact resume, and bad input."""
+"""The three scripts on a tiny random model: stage 1 -> stage 2 -> sample end to end, exports other
+tools load, exact resume, and bad input. Runs that should succeed call the scripts' main() in this
+process; the ones that should fail run as a user runs them, to see the exit code and the one line."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,49 +10,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import accord_losses
 import model
+import sample
 import stage1_tokens
+import stage2_lora
 from model import lora, run
 from tests import helpers
-from tests.helpers import rel_err
+from tests.helpers import assert_one_line_error, photo_folder, random_photo, rel_err, run_main, script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESOLUTION = 32
-
-
-
-def script(name, *args, check=True):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, name), *map(str, args)], capture_output=True,
-                         text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
-    if check and out.returncode != 0:
-        raise AssertionError(f"{name} failed:\n{out.stderr[-3000:]}")
-    return out
-
-
-def assert_one_line_error(out, *words):
-    assert out.returncode != 0
-    assert "Traceback" not in out.stderr, out.stderr
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, out.stderr
-    for word in words:
-        assert word.lower() in errors[0].lower(), errors[0]
-
-
-def random_photo(seed, size=48):
-    """A smooth random picture (never blank): low-resolution noise upsampled."""
-    rng = np.random.default_rng(seed)
-    small = (rng.random((6, 6, 3)) * 255).astype(np.uint8)
-    return Image.fromarray(small).resize((size, size), Image.BICUBIC)
-
-
-def photo_folder(path, n=3, captions=True):
-    os.makedirs(path, exist_ok=True)
-    for i in range(n):
-        random_photo(i).save(os.path.join(path, f"{i:02d}.jpg"), quality=95)
-        if captions:
-            with open(os.path.join(path, f"{i:02d}.txt"), "w") as f:
-                f.write(f"a toy on a {['red', 'green', 'blue', 'white'][i % 4]} table")
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -72,61 +38,12 @@ def finished_run(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     images = photo_folder(root / "photos")
     out = str(root / "out")
-    script("stage1_tokens.py", "--images", images, "--model", tiny_model, "--out", out, "--steps", 4,
-           "--dd_weight", 0.1, "--pd_weight", 0.002, "--superclass", "toy", "--val_steps", 2, "--save_every", 2)
-    script("stage2_lora.py", "--out", out, "--steps", 3, "--dd_weight", 0.1, "--val_steps", 2)
-    script("sample.py", "--out", out, "--prompt", "a photo of * on the beach", "--prompt", "{V} in the snow",
+    run_main(stage1_tokens.main, "--images", images, "--model", tiny_model, "--out", out, "--steps", 4,
+             "--dd_weight", 0.1, "--pd_weight", 0.002, "--superclass", "toy", "--val_steps", 2, "--save_every", 2)
+    run_main(stage2_lora.main, "--out", out, "--steps", 3, "--dd_weight", 0.1, "--val_steps", 2)
+    run_main(sample.main, "--out", out, "--prompt", "a photo of * on the beach", "--prompt", "{V} in the snow",
            "--n", 2, "--steps", 3)
     return out
-
-
-# -------------------------------------------------------------------------------------------------
-# the batched step
-
-def test_batched_step_equals_one_call_per_condition(tiny_model):
-    sd = model.load(tiny_model)
-    torch.manual_seed(0)
-    width = sd.unet.config.context_dim
-    vectors = torch.randn(1 + 8, width) * 0.5
-    sd.tokenizer.add_tokens(["<v>"] + [f"<r0_{k}>" for k in range(8)])
-    residual = " ".join(f"<r0_{k}>" for k in range(8))
-    ids = sd.tokenizer([f"<v> {residual}", "<v>", residual])
-    empty = sd.text_encoder(sd.tokenizer([""]))
-    z = torch.randn(4, 4, 16, 16)
-    t = torch.tensor([5, 999, 310, 641])
-    noise = torch.randn(4, 4, 16, 16)
-
-    def terms_and_grads(mode):
-        v = vectors.clone().requires_grad_(True)
-        conditions = sd.text_encoder(ids, extra_embeddings=v)
-        terms = stage1_tokens.stage1_losses(sd.unet, conditions, empty, z[:1], z[1:], t, noise, sd.alphas_cumprod,
-                                            with_dd=True, mode=mode)
-        loss = terms["rec"] + 0.05 * terms["excl"] + 0.1 * terms["dd"]
-        grad, = torch.autograd.grad(loss, v)
-        return terms, grad
-
-    ref_terms, ref_grad = terms_and_grads("per_condition")
-    assert ref_grad.abs().sum() > 0
-    for mode in ("ours", "one_graph"):
-        terms, grad = terms_and_grads(mode)
-        assert set(terms) == {"rec", "excl", "dd"}
-        for name in terms:
-            assert rel_err(terms[name], ref_terms[name]) <= 1e-5, (mode, name)
-        assert rel_err(grad, ref_grad) <= 1e-5, mode
-
-
-def test_stop_rows_keep_no_graph(tiny_model):
-    """The stop-gradient rows go through a graph-free call: its output has no grad_fn."""
-    sd = model.load(tiny_model)
-    seen = []
-    hook = sd.unet.register_forward_hook(lambda m, i, o: seen.append((o.shape[0], o.grad_fn is not None)))
-    conditions = torch.randn(3, 77, sd.unet.config.context_dim, requires_grad=True)
-    empty = torch.randn(1, 77, sd.unet.config.context_dim)
-    z = torch.randn(4, 4, 16, 16)
-    stage1_tokens.stage1_losses(sd.unet, conditions, empty, z[:1], z[1:], torch.tensor([1, 2, 3, 4]),
-                                torch.randn(4, 4, 16, 16), sd.alphas_cumprod, with_dd=True)
-    hook.remove()
-    assert seen == [(5, True), (5, False)]  # rows 1, 2, 5-7 with a graph; rows 3, 4, 8-10 without
 
 
 # -------------------------------------------------------------------------------------------------
@@ -188,10 +105,10 @@ def test_multi_vector_target_runs_and_loads_in_diffusers(tiny_model, pipe, tmp_p
     """--target_vectors 3: <v> in a prompt stands for three learned vectors, through stage 2 and
     sampling, and diffusers' load_textual_inversion reads the [3, D] export the same way."""
     out, images = str(tmp_path / "out"), photo_folder(tmp_path / "photos")
-    script("stage1_tokens.py", "--images", images, "--model", tiny_model, "--out", out,
-           "--steps", 3, "--target_vectors", 3, "--dd_weight", 0.1, "--val_steps", 2)
-    script("stage2_lora.py", "--out", out, "--steps", 2, "--val_steps", 0)
-    script("sample.py", "--out", out, "--n", 1, "--steps", 2, "--prompt", "a photo of <v> on the beach")
+    run_main(stage1_tokens.main, "--images", images, "--model", tiny_model, "--out", out,
+             "--steps", 3, "--target_vectors", 3, "--dd_weight", 0.1, "--val_steps", 2)
+    run_main(stage2_lora.main, "--out", out, "--steps", 2, "--val_steps", 0)
+    run_main(sample.main, "--out", out, "--n", 1, "--steps", 2, "--prompt", "a photo of <v> on the beach")
     target, residual, meta = run.load_tokens(out)
     assert target.shape == (3, 32) and residual.shape == (3, 8, 32) and meta["target_vectors"] == 3
     assert not torch.equal(target[0], target[1])  # three vectors of their own, each trained
@@ -210,14 +127,28 @@ def test_multi_vector_target_runs_and_loads_in_diffusers(tiny_model, pipe, tmp_p
                                  str(tmp_path / "bad"), "--target_vectors", 0, check=False), "--target_vectors")
 
 
-def test_resume_is_exact(tiny_model, tmp_path):
-    """4 steps in one run == 2 steps, a stop (here: an injected NaN), --resume, 2 more."""
+def nan_loss_at(monkeypatch, step):
+    """Make the loss of training step `step` (0-based, counted in this process) NaN."""
+    real, calls = accord_losses.total, []
+
+    def total(terms, weights):
+        calls.append(1)
+        loss = real(terms, weights)
+        return loss * float("nan") if len(calls) == step + 1 else loss
+
+    monkeypatch.setattr(accord_losses, "total", total)
+
+
+def test_resume_is_exact(tiny_model, tmp_path, monkeypatch):
+    """4 steps in one run == 2 steps, a stop (here: a NaN loss), --resume, 2 more."""
     images = photo_folder(tmp_path / "photos")
     common = ["--images", images, "--model", tiny_model, "--steps", 4, "--val_steps", 0, "--dd_weight", 0.1]
-    script("stage1_tokens.py", *common, "--out", tmp_path / "whole")
-    stopped = script("stage1_tokens.py", *common, "--out", tmp_path / "parts", "--nan_at_step", 2, check=False)
-    assert_one_line_error(stopped, "step 2")
-    script("stage1_tokens.py", *common, "--out", tmp_path / "parts", "--resume")
+    run_main(stage1_tokens.main, *common, "--out", tmp_path / "whole")
+    with monkeypatch.context() as patch:
+        nan_loss_at(patch, 2)
+        with pytest.raises(model.UserError, match="step 2"):
+            run_main(stage1_tokens.main, *common, "--out", tmp_path / "parts")
+    run_main(stage1_tokens.main, *common, "--out", tmp_path / "parts", "--resume")
     whole = load_file(str(tmp_path / "whole" / "tokens.safetensors"))
     parts = load_file(str(tmp_path / "parts" / "tokens.safetensors"))
     assert torch.equal(whole["target"], parts["target"]) and torch.equal(whole["residual"], parts["residual"])
@@ -227,7 +158,13 @@ def test_resume_is_exact(tiny_model, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------
-# bad input (SPEC section 6): works, or one clear line and a non-zero exit
+# bad input: works, or one clear line and a non-zero exit
+
+def stage1_ok(tiny_model, images, out, *extra):
+    """One stage-1 step in this process; it must succeed."""
+    return run_main(stage1_tokens.main, "--images", images, "--model", tiny_model, "--out", out, "--steps", 1,
+                    "--val_steps", 0, *extra)
+
 
 def stage1(tiny_model, images, out, *extra):
     return script("stage1_tokens.py", "--images", images, "--model", tiny_model, "--out", out, "--steps", 1,
@@ -243,10 +180,9 @@ def test_empty_folder(tiny_model, tmp_path):
     assert_one_line_error(stage1(tiny_model, tmp_path / "empty", tmp_path / "out"), "empty")
 
 
-def test_one_image_runs_without_exclusion(tiny_model, tmp_path):
-    out = stage1(tiny_model, photo_folder(tmp_path / "one", n=1), tmp_path / "out")
-    assert out.returncode == 0, out.stderr
-    assert "beta = 0" in out.stderr
+def test_one_image_runs_without_exclusion(tiny_model, tmp_path, capsys):
+    stage1_ok(tiny_model, photo_folder(tmp_path / "one", n=1), tmp_path / "out")
+    assert "beta = 0" in capsys.readouterr().err
     assert os.path.exists(tmp_path / "out" / "tokens.safetensors")
 
 
@@ -279,9 +215,7 @@ def _odd_image(kind, folder):
 def test_unusual_images_work(tiny_model, tmp_path, kind):
     folder = photo_folder(tmp_path / "photos", n=2)
     _odd_image(kind, folder)
-    out = stage1(tiny_model, folder, tmp_path / "out")
-    assert out.returncode == 0, out.stderr
-    assert "Traceback" not in out.stderr
+    stage1_ok(tiny_model, folder, tmp_path / "out")
     assert len(run.load_tokens(str(tmp_path / "out"))[2]["images"]) == 3
 
 
@@ -313,18 +247,19 @@ def test_wrong_model_path(tmp_path):
 
 def test_finished_run_is_not_overwritten(tiny_model, tmp_path):
     folder = photo_folder(tmp_path / "photos", n=2)
-    assert stage1(tiny_model, folder, tmp_path / "out").returncode == 0
+    stage1_ok(tiny_model, folder, tmp_path / "out")
     before = {name: open(tmp_path / "out" / name, "rb").read() for name in os.listdir(tmp_path / "out")}
     assert_one_line_error(stage1(tiny_model, folder, tmp_path / "out"), "finished")
     after = {name: open(tmp_path / "out" / name, "rb").read() for name in os.listdir(tmp_path / "out")}
     assert before == after
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_state(tiny_model, tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_good_state(tiny_model, tmp_path, monkeypatch):
     folder = photo_folder(tmp_path / "photos", n=2)
-    out = script("stage1_tokens.py", "--images", folder, "--model", tiny_model, "--out", tmp_path / "out",
-                 "--steps", 5, "--val_steps", 0, "--nan_at_step", 3, check=False)
-    assert_one_line_error(out, "step 3")
+    nan_loss_at(monkeypatch, 3)
+    with pytest.raises(model.UserError, match="step 3"):
+        run_main(stage1_tokens.main, "--images", folder, "--model", tiny_model, "--out", tmp_path / "out",
+                 "--steps", 5, "--val_steps", 0)
     saved = load_file(str(tmp_path / "out" / "stage1_checkpoint.safetensors"))
     assert torch.isfinite(saved["param.target"]).all() and torch.isfinite(saved["param.residual"]).all()
     assert not os.path.exists(tmp_path / "out" / "DONE_stage1")
