@@ -275,3 +275,29 @@ def test_ops_dispatch_matches_fallback():
             ops.use_kernels(None)
     for kernel_result, torch_result in zip(results[True], results[False]):
         assert rel_err(kernel_result, torch_result.double()) <= 1e-5
+
+
+def test_ops_switch_per_op(monkeypatch):
+    """use_kernels({...}) and SD_KERNELS=a,b keep the kernels for the ops named only; the others run
+    torch (so a faster torch.compile path can be chosen per op). What reached a kernel is recorded."""
+    reached = []
+    monkeypatch.setattr(ops, "_run_kernel", lambda name, *args, **kwargs: reached.append(name))
+    q = torch.randn(1, 1, 4, 16, device=DEVICE)
+    x, norm, h = torch.randn(1, 32, 2, 2, device=DEVICE), torch.nn.GroupNorm(32, 32).to(DEVICE), torch.randn(2, 8)
+
+    def called():
+        reached.clear()
+        ops.attention(q, q, q), ops.group_norm_silu(x, norm), ops.geglu(h.to(DEVICE))
+        return list(reached)
+    try:
+        ops.use_kernels({"geglu", "attention"})
+        assert called() == ["attention", "geglu"]
+        ops.use_kernels(True)
+        monkeypatch.setenv("SD_KERNELS", "group_norm_silu")
+        assert called() == ["group_norm_silu"]
+        monkeypatch.setenv("SD_KERNELS", "0")
+        assert called() == []
+        with pytest.raises(ValueError, match="no kernel named"):
+            ops.use_kernels({"softmax"})
+    finally:
+        ops.use_kernels(None)
