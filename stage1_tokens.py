@@ -49,8 +49,10 @@ def parse_args(argv=None):
                         "<v> alone)")
     method.add_argument("--beta", type=float, default=0.05, help="weight of the cross-image exclusion loss")
     method.add_argument("--dd_weight", type=float, default=0.0, help="ACCORD DDLoss weight (0 = off; paper: 0.1-0.3)")
-    method.add_argument("--dd_space", choices=["xprev", "eps"], default="xprev", help="DDLoss in posterior-mean or "
-                        "eps space")
+    method.add_argument("--dd_space", choices=["eps", "xprev"], default="eps", help="DDLoss in epsilon space (w_t "
+                        "= 1, the paper's 0.1-0.3 weights apply) or in ACCORD's literal x_(t-1)-mean form "
+                        "(w_t = beta_t / (2 alpha_t (1 - abar_t)), on average ~1/226 of eps: it needs a ~200x "
+                        "larger --dd_weight)")
     method.add_argument("--pd_weight", type=float, default=0.0, help="ACCORD PDLoss weight (0 = off; paper: "
                         "0.001-0.003)")
     method.add_argument("--superclass", default=None, help="PDLoss superclass word, e.g. dog (PDLoss needs it)")
@@ -100,6 +102,10 @@ def main(argv=None):
     # load
     checkpoint_path = run.prepare_out(args.out, "stage1", args.resume, args.overwrite)
     sd = model.load(args.model, device, dtype)
+    # Only the new vectors train, and they pass through the text encoder: keep it in fp32, as the
+    # ConceptPrism authors do (123M parameters next to the UNet's 860M, which stays in `dtype`). In
+    # bf16 a residual vector's elements near 1 move in steps of ~0.008 while Adam moves them ~5e-4.
+    sd.text_encoder.float()
     resolution = args.resolution or sd.resolution
     multiple = 2 ** (len(sd.vae.config.ch_mult) - 1 + len(sd.unet.config.channel_mult) - 1)
     if resolution % multiple:
@@ -146,7 +152,7 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed)
 
     def extra_embeddings():
-        return torch.cat([target, residual.flatten(0, 1)]).to(dtype)
+        return torch.cat([target, residual.flatten(0, 1)])
 
     # Prompts of the four conditions per image, tokenised once; "" and the latents are constants.
     with_r = [" ".join(r) for r in residual_tokens]
@@ -185,7 +191,7 @@ def main(argv=None):
         # the four conditions of photo i (and PDLoss's prompt), then the UNet rows that read them
         ids = torch.cat([ids_pg[i:i + 1], ids_p, ids_g[i:i + 1]] + ([ids_pd] if args.pd_weight > 0 else []))
         hidden = encoder(ids, extra_embeddings=extra_embeddings())
-        table = torch.cat([hidden[:3], empty.to(hidden.dtype)])  # as conditions.STAGE1
+        table = torch.cat([hidden[:3], empty]).to(dtype)  # as conditions.STAGE1
         x_i = add_noise(latents[i:i + 1], t[:1], noise[:1], alphas_cumprod)
         x_anchors = add_noise(latents[anchors], t[1:], noise[1:], alphas_cumprod)
         eps = conditions.predict(sd.unet, table, conditions.stage1_rows(x_i, t[:1], x_anchors, t[1:], with_dd))

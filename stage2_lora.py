@@ -41,9 +41,14 @@ def parse_args(argv=None):
     method = p.add_argument_group("method")
     method.add_argument("--rank", type=int, default=4, help="LoRA rank")
     method.add_argument("--alpha", type=float, default=4.0, help="LoRA alpha (scale = alpha / rank)")
+    method.add_argument("--lora_init", choices=["gaussian", "kaiming"], default="gaussian", help="down projection "
+                        "~ N(0, 1/rank^2) as the ConceptPrism authors (PEFT's 'gaussian'), or nn.Linear's init "
+                        "(PEFT's default); up starts at zero either way")
     method.add_argument("--dd_weight", type=float, default=0.0, help="ACCORD DDLoss weight (0 = off)")
-    method.add_argument("--dd_space", choices=["xprev", "eps"], default="xprev", help="DDLoss in posterior-mean or "
-                        "eps space")
+    method.add_argument("--dd_space", choices=["eps", "xprev"], default="eps", help="DDLoss in epsilon space (w_t "
+                        "= 1, the paper's 0.1-0.3 weights apply) or in ACCORD's literal x_(t-1)-mean form "
+                        "(w_t = beta_t / (2 alpha_t (1 - abar_t)), on average ~1/226 of eps: it needs a ~200x "
+                        "larger --dd_weight)")
     optim = p.add_argument_group("optimisation")
     optim.add_argument("--steps", type=int, default=120, help="optimisation steps (the authors find ~120 best)")
     optim.add_argument("--lr", type=float, default=4e-4, help="AdamW learning rate")
@@ -93,7 +98,7 @@ def main(argv=None):
         latents = torch.cat([sd.vae.encode(x[None].to(device, dtype))[0] for x in refs.images]) * sd.vae.scaling_factor
     alphas_cumprod = sd.alphas_cumprod.to(device)
 
-    params = {f"lora{k}": p for k, p in enumerate(lora.add_lora(sd.unet, args.rank, args.alpha))}
+    params = {f"lora{k}": p for k, p in enumerate(lora.add_lora(sd.unet, args.rank, args.alpha, init=args.lora_init))}
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=precision == "fp16")
     generator = torch.Generator().manual_seed(args.seed)

@@ -14,8 +14,11 @@ from model.schedule import ddim_sample
 
 @torch.no_grad()
 def encode_prompts(sd, prompts, extra_embeddings=None):
-    ids = sd.tokenizer(prompts).to(sd.unet.out[2].weight.device)
-    return sd.text_encoder(ids, extra_embeddings=extra_embeddings)
+    """The UNet's context for `prompts`, in the UNet's dtype (the text encoder may run in another:
+    stage 1 keeps it in fp32)."""
+    weight = sd.unet.out[2].weight
+    ids = sd.tokenizer(prompts).to(weight.device)
+    return sd.text_encoder(ids, extra_embeddings=extra_embeddings).to(weight.dtype)
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ Each targeted nn.Linear (to_q, to_k, to_v, to_out.0 of attn1 and attn2) becomes 
 shares the frozen weight and bias Parameters and adds y += (alpha / rank) * up(down(x)). The base
 keys stay as they were, so the model loads and saves exactly as before.
 
-Files (SPEC section 4, "Outputs"), both with module paths in diffusers' names:
+Files, both with module paths in diffusers' names:
   peft:  unet.<path>.lora_A.weight [rank, in], unet.<path>.lora_B.weight [out, rank]. The layout
          has no place for alpha: diffusers reads it from the safetensors metadata entry
          `lora_adapter_metadata` (JSON of LoraConfig arguments prefixed `unet.`) and without that
@@ -37,7 +37,7 @@ class LoRALinear(nn.Linear):
     are cast to the input's dtype in forward, so a bf16 UNet computes in bf16 while the optimizer
     updates fp32 factors."""
 
-    def __init__(self, base: nn.Linear, rank, alpha, dtype=torch.float32):
+    def __init__(self, base: nn.Linear, rank, alpha, dtype=torch.float32, init="gaussian"):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a second weight
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
@@ -46,8 +46,17 @@ class LoRALinear(nn.Linear):
         device = base.weight.device
         self.lora_down = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
         self.lora_up = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
-        # PEFT's default: down like nn.Linear's init, up zero, so training starts at the base model.
-        nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
+        # Up is zero, so training starts at the base model. "gaussian" is PEFT's init_lora_weights=
+        # "gaussian", which the ConceptPrism authors train with: down ~ N(0, 1/rank^2). "kaiming" is
+        # PEFT's default, down initialised like nn.Linear (std ~ 1/sqrt(3 fan_in): 0.016-0.032 at
+        # SD1.5's widths). Under Adam the early change of the update scales with down's size, so the
+        # kaiming init moves SD1.5's LoRA 8-16x less in the same steps.
+        if init == "gaussian":
+            nn.init.normal_(self.lora_down, std=1 / rank)
+        elif init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
+        else:
+            raise ValueError(f"LoRA init must be 'gaussian' or 'kaiming', not {init!r}")
 
     def forward(self, x):
         down, up = self.lora_down.to(x.dtype), self.lora_up.to(x.dtype)
@@ -70,13 +79,13 @@ def _lora_modules(unet):
     return {name: m for name, m in unet.named_modules() if isinstance(m, LoRALinear)}
 
 
-def add_lora(unet, rank=4, alpha=4.0, dtype=torch.float32):
-    """Wrap every attention projection with a fresh LoRA; freeze everything else. Returns the new
-    trainable parameters."""
+def add_lora(unet, rank=4, alpha=4.0, dtype=torch.float32, init="gaussian"):
+    """Wrap every attention projection with a fresh LoRA (init: "gaussian" or "kaiming", see
+    LoRALinear); freeze everything else. Returns the new trainable parameters."""
     unet.requires_grad_(False)  # LoRA fine-tuning trains the factors only
     params = []
     for name in _targets(unet):
-        module = LoRALinear(unet.get_submodule(name), rank, alpha, dtype)
+        module = LoRALinear(unet.get_submodule(name), rank, alpha, dtype, init)
         _replace(unet, name, module)
         params += [module.lora_down, module.lora_up]
     return params

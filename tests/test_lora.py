@@ -194,3 +194,33 @@ def test_diffusers_load_lora_weights_matches(pipe, tmp_path, rank, alpha):
         assert torch.equal(pipe.unet(x, t, c).sample, plain)
     with safe_open(str(tmp_path / "lora.peft.safetensors"), "pt") as f:
         assert json.loads(f.metadata()[lora.METADATA_KEY])["unet.lora_alpha"] == alpha
+
+
+def test_default_init_is_the_authors_gaussian():
+    """The ConceptPrism authors train with PEFT's init_lora_weights="gaussian": down ~ N(0, 1/rank^2),
+    up zero. Checked against PEFT itself on an SD1.5-wide (320) projection; "kaiming" keeps PEFT's
+    default, whose down is 8x smaller there."""
+    from peft import LoraConfig, get_peft_model
+
+    class One(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q = nn.Linear(320, 320, bias=False)
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(One(), LoraConfig(r=4, lora_alpha=4, target_modules=["to_q"],
+                                                  init_lora_weights="gaussian"))
+    theirs = peft_model.base_model.model.to_q.lora_A["default"].weight
+    ours = {init: lora.LoRALinear(nn.Linear(320, 320, bias=False), 4, 4.0, init=init) for init in ("gaussian", "kaiming")}
+    for m in ours.values():
+        assert torch.equal(m.lora_up, torch.zeros_like(m.lora_up))
+    assert abs(theirs.std().item() - 0.25) < 0.01 and abs(ours["gaussian"].lora_down.std().item() - 0.25) < 0.01
+    kaiming_std = ours["kaiming"].lora_down.std().item()
+    assert abs(kaiming_std - 1 / (3 * 320) ** 0.5) < 0.002  # 0.032: 8x smaller than 1/rank
+    torch.manual_seed(1)
+    net = tiny_unet()
+    params = lora.add_lora(net, rank=8)
+    downs = torch.cat([p.flatten() for p in params if p.shape[0] == 8])
+    assert abs(downs.std().item() - 1 / 8) < 0.005
+    with pytest.raises(ValueError):
+        lora.LoRALinear(nn.Linear(4, 4), 2, 2.0, init="uniform")

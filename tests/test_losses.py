@@ -59,7 +59,7 @@ def test_exclusion_stops_gradient_into_null_branch():
 
 
 def test_dd_weight_matches_betas_definition():
-    w = accord_losses.dd_weight(sd_alphas_cumprod())
+    w = accord_losses.dd_weight(sd_alphas_cumprod(), space="xprev")
     betas = sd_betas()
     abar = 1.0
     for t, beta in enumerate(betas):
@@ -67,7 +67,7 @@ def test_dd_weight_matches_betas_definition():
         expected = beta / (2 * (1 - beta) * (1 - abar))
         # float32 abar loses a little of beta_t at small t; 1e-3 relative is far tighter than any mistake.
         assert w[t].item() == pytest.approx(expected, rel=1e-3), t
-    # The values SPEC quotes: about 0.5 at t=0 and 0.006 at t=999, finite and positive everywhere.
+    # About 0.5 at t=0 and 0.006 at t=999, finite and positive everywhere.
     assert 0.49 < w[0].item() < 0.51
     assert 0.0055 < w[-1].item() < 0.0065
     assert torch.isfinite(w).all() and (w > 0).all()
@@ -135,3 +135,51 @@ def test_mismatched_shapes_are_refused():
     # A silent broadcast of [4,8,8] against [1,4,8,8] would compute the wrong loss.
     with pytest.raises(ValueError, match="shapes differ"):
         accord_losses.reconstruction_loss(randn(1, *LATENT), randn(*LATENT))
+
+
+def test_literal_xprev_weight_is_about_1_226_of_eps_space():
+    """Why eps space is the default: over uniform t, with the (t+1)/T factor both share, the literal
+    x_(t-1) weighting averages ~1/226 of epsilon space's."""
+    abar = sd_alphas_cumprod()
+    time_weight = torch.arange(1, T + 1, dtype=torch.float64) / T
+    ratio = (time_weight * accord_losses.dd_weight(abar, "xprev")).mean() / (time_weight * accord_losses.dd_weight(abar)).mean()
+    assert 1 / 240 < ratio.item() < 1 / 210
+
+
+def test_dd_default_matters_on_the_toy_model():
+    """Stage 1's default DDLoss (eps space, weight 0.1) pulls on the tokens with ~1% of the
+    reconstruction's gradient on the toy model at initialisation; the literal x_(t-1) form at the same
+    weight with ~0.005%, i.e. nothing. Measured over 8 (t, noise) draws on the demo's first photo."""
+    import model
+    import stage1_tokens
+    from model import conditions
+    from model.data import load_images
+    from model.schedule import add_noise
+
+    assert stage1_tokens.parse_args(["--images", "x"]).dd_space == "eps"
+    torch.manual_seed(0)
+    sd = model.load(model.DEFAULT_MODEL)
+    photo = load_images("examples/purple_dotted_heart", sd.resolution, None).images[:1]
+    sd.tokenizer.add_multi_vector_token("<v>", 3)  # the README's first command: three vectors, 8 residuals
+    residual = [f"<r0_{k}>" for k in range(8)]
+    sd.tokenizer.add_tokens(residual)
+    words = sd.text_encoder.embeddings.token_embedding.weight
+    vectors = (words.mean(0) + words.std(0) * torch.randn(3 + 8, words.shape[1])).requires_grad_(True)
+    with torch.no_grad():
+        z = sd.vae.encode(photo)[0] * sd.vae.scaling_factor
+        empty = sd.text_encoder(sd.tokenizer([""]))
+    ids = sd.tokenizer([f"<v> {' '.join(residual)}", "<v>", " ".join(residual)])
+    g = torch.Generator().manual_seed(1)
+    norms = {"rec": 0.0, "eps": 0.0, "xprev": 0.0}
+    for _ in range(8):
+        t, noise = torch.randint(0, 1000, (1,), generator=g), torch.randn(z.shape, generator=g)
+        x = add_noise(z, t, noise, sd.alphas_cumprod)
+        for space in ("eps", "xprev"):
+            table = torch.cat([sd.text_encoder(ids, extra_embeddings=vectors), empty])
+            eps = conditions.predict(sd.unet, table, conditions.stage1_rows(x, t, x[:0], t[:0], with_dd=True))
+            terms = accord_losses.loss_terms(eps, noise, t, sd.alphas_cumprod, space)
+            if space == "eps":
+                norms["rec"] += torch.autograd.grad(terms["rec"], vectors, retain_graph=True)[0].norm().item()
+            norms[space] += torch.autograd.grad(0.1 * terms["dd"], vectors)[0].norm().item()
+    assert norms["eps"] / norms["rec"] > 3e-3
+    assert norms["eps"] / norms["xprev"] > 100

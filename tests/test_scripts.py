@@ -263,3 +263,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(tiny_model, tmp_path, monk
     saved = load_file(str(tmp_path / "out" / "stage1_checkpoint.safetensors"))
     assert torch.isfinite(saved["param.target"]).all() and torch.isfinite(saved["param.residual"]).all()
     assert not os.path.exists(tmp_path / "out" / "DONE_stage1")
+
+
+def test_stage1_keeps_the_text_encoder_in_fp32(tiny_model, tmp_path, monkeypatch):
+    """--precision bf16: the UNet computes in bf16, the text encoder the vectors train through in fp32
+    (and the validation grid, which feeds its fp32 context to the bf16 UNet, still runs)."""
+    loaded, real_load = [], model.load
+    monkeypatch.setattr(model, "load", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    run_main(stage1_tokens.main, "--images", photo_folder(tmp_path / "photos"), "--model", tiny_model,
+             "--out", tmp_path / "out", "--steps", 2, "--precision", "bf16", "--val_steps", 2)
+    sd = loaded[0]
+    assert {p.dtype for p in sd.text_encoder.parameters()} == {torch.float32}
+    assert {p.dtype for p in sd.unet.parameters()} == {torch.bfloat16}
+    assert os.path.exists(tmp_path / "out" / "stage1_grid.png")
