@@ -1,4 +1,4 @@
-"""model.data: every bad-input case of SPEC section 6 that concerns the reference photos and captions."""
+"""model.data: every bad-input case that concerns the reference photos and captions."""
 import json
 
 import numpy as np

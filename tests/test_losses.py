@@ -1,4 +1,4 @@
-"""accord_losses against independent, loop-by-loop float64 computations of the SPEC formulas."""
+"""accord_losses against independent, loop-by-loop float64 computations of the formulas in docs/method.md."""
 import math
 
 import pytest
