@@ -2,7 +2,8 @@
 
     python bench.py                      # stage-1 step, three ways (CPU: tiny model; CUDA: SD1.5, 512 px, bf16)
     python bench.py --unet               # our UNet forward vs diffusers' at the same config
-    python bench.py --kernels            # every kernel's table, then the step and sampling, kernels on vs off
+    python bench.py --compare            # step and 50-step sampling: eager, torch.compile, our kernels, both
+    python bench.py --kernels            # every kernel's table (CUDA), then --compare
 
 Stage-1 step (ConceptPrism + DDLoss, ten rows), done
   reference     the authors' way: one UNet call per condition, VAE encode and "" re-encoded every step
@@ -23,6 +24,8 @@ import torch
 
 import accord_losses
 from model import clip, conditions, ops, run, unet, vae
+from model.errors import UserError
+from kernels.bench_util import Table
 from model.schedule import add_noise, alphas_cumprod as make_alphas_cumprod
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
@@ -102,72 +105,88 @@ def predict_one_graph(model_unet, table, rows):
 WAYS = {"reference": predict_per_condition, "one_graph": predict_one_graph, "ours": conditions.predict}
 
 
-def bench_step(args, device, dtype):
-    sd15 = args.size == "sd15"
-    ucfg, vcfg, ccfg = (unet.UNetConfig(), vae.VAEConfig(), clip.CLIPConfig()) if sd15 else \
-        (unet.TINY, vae.TINY, clip.TINY)
-    resolution = args.resolution or (512 if sd15 else 64)
-    model_unet = random_module(unet.UNet, ucfg, device, dtype)
-    model_vae = random_module(vae.VAE, vcfg, device, dtype)
-    encoder = random_module(clip.CLIPTextEncoder, ccfg, device, dtype)
-    alphas_cumprod = make_alphas_cumprod().to(device)
-    width = ucfg.context_dim
-    images = torch.rand(4, 3, resolution, resolution, device=device, dtype=dtype) * 2 - 1
-    factor = 2 ** (len(vcfg.ch_mult) - 1)
-    latent_shape = (4, resolution // factor, resolution // factor)
-    vectors = torch.randn(1 + 8 * 4, width, device=device, requires_grad=True)
-    ids = torch.randint(0, 49407, (3, 77), device=device)
-    ids[:, 1:3] = torch.tensor([49408, 49409], device=device)  # new-token rows read the trainable vectors
-    empty_ids = torch.full((1, 77), 49407, device=device)
-    empty_ids[0, 0] = 49406
-    with torch.no_grad():
-        cached_latents = model_vae.encode(images)[0] * 0.18215
-        cached_empty = encoder(empty_ids)
-    gen = torch.Generator().manual_seed(0)
+class StepBench:
+    """The stage-1 step on random models (SD1.5 or the tiny one), callable with any way of calling
+    the UNet and any UNet (eager or compiled)."""
 
-    def step(mode):
-        t = torch.randint(0, len(alphas_cumprod), (4,), generator=gen).to(device)
-        noise = torch.randn(4, *latent_shape, generator=gen).to(device, dtype)
+    def __init__(self, args, device, dtype):
+        sd15 = args.size == "sd15"
+        ucfg, vcfg, ccfg = (unet.UNetConfig(), vae.VAEConfig(), clip.CLIPConfig()) if sd15 else \
+            (unet.TINY, vae.TINY, clip.TINY)
+        self.resolution = resolution = args.resolution or (512 if sd15 else 64)
+        self.unet = random_module(unet.UNet, ucfg, device, dtype)
+        self.vae = random_module(vae.VAE, vcfg, device, dtype)
+        self.encoder = random_module(clip.CLIPTextEncoder, ccfg, device, dtype)
+        self.alphas_cumprod = make_alphas_cumprod().to(device)
+        self.images = torch.rand(4, 3, resolution, resolution, device=device, dtype=dtype) * 2 - 1
+        factor = 2 ** (len(vcfg.ch_mult) - 1)
+        self.latent_shape = (4, resolution // factor, resolution // factor)
+        self.vectors = torch.randn(1 + 8 * 4, ucfg.context_dim, device=device, requires_grad=True)
+        self.ids = torch.randint(0, 49407, (3, 77), device=device)
+        self.ids[:, 1:3] = torch.tensor([49408, 49409], device=device)  # new-token rows read the trainable vectors
+        self.empty_ids = torch.full((1, 77), 49407, device=device)
+        self.empty_ids[0, 0] = 49406
+        with torch.no_grad():
+            self.cached_latents = self.vae.encode(self.images)[0] * 0.18215
+            self.cached_empty = self.encoder(self.empty_ids)
+        self.gen = torch.Generator().manual_seed(0)
+        self.device, self.dtype = device, dtype
+        if sd15:  # the count at 512 px, scaled by pixels elsewhere (attention makes that approximate)
+            fwd, bwd = 0.803e12 * (resolution / 512) ** 2, 0.99e12 * (resolution / 512) ** 2
+        else:  # torch's counter (it misses the attention core on CPU, so this errs low)
+            fwd = unet_flops(self.unet, resolution // factor, ucfg.context_dim, device, dtype)
+            bwd = unet_flops(self.unet, resolution // factor, ucfg.context_dim, device, dtype, backward=True) - fwd
+        self.flops = 10 * fwd + 5 * bwd  # ten forward rows, five with an input-only backward
+        self.title = (f"stage-1 step, ten rows, {args.size} UNet, {resolution} px, {str(dtype).split('.')[1]}, "
+                      f"{self.flops / 1e12:.3f} TFLOP per step")
+
+    def __call__(self, mode, model_unet=None):
+        model_unet = self.unet if model_unet is None else model_unet
+        t = torch.randint(0, len(self.alphas_cumprod), (4,), generator=self.gen).to(self.device)
+        noise = torch.randn(4, *self.latent_shape, generator=self.gen).to(self.device, self.dtype)
         if mode == "reference":
             with torch.no_grad():  # the authors' code: every image and "" encoded again each step
-                latents = model_vae.encode(images)[0] * 0.18215
-                empty = encoder(empty_ids)
+                latents = self.vae.encode(self.images)[0] * 0.18215
+                empty = self.encoder(self.empty_ids)
         else:
-            latents, empty = cached_latents, cached_empty
-        hidden = encoder(ids, extra_embeddings=vectors.to(dtype))
+            latents, empty = self.cached_latents, self.cached_empty
+        hidden = self.encoder(self.ids, extra_embeddings=self.vectors.to(self.dtype))
         table = torch.cat([hidden, empty])
-        x = add_noise(latents, t, noise, alphas_cumprod)
+        x = add_noise(latents, t, noise, self.alphas_cumprod)
         rows = conditions.stage1_rows(x[:1], t[:1], x[1:], t[1:], with_dd=True)
-        terms = accord_losses.loss_terms(WAYS[mode](model_unet, table, rows), noise[:1], t[:1], alphas_cumprod)
+        terms = accord_losses.loss_terms(WAYS[mode](model_unet, table, rows), noise[:1], t[:1], self.alphas_cumprod)
         accord_losses.total(terms, {"excl": 0.05, "dd": 0.1}).backward()
-        vectors.grad = None
+        self.vectors.grad = None
 
-    measure = timer(device)
-    if sd15:  # the count at 512 px, scaled by pixels elsewhere (attention makes that approximate)
-        fwd, bwd = 0.803e12 * (resolution / 512) ** 2, 0.99e12 * (resolution / 512) ** 2
-    else:  # torch's counter (it misses the attention core on CPU, so this errs low)
-        fwd = unet_flops(model_unet, resolution // factor, ucfg.context_dim, device, dtype)
-        bwd = unet_flops(model_unet, resolution // factor, ucfg.context_dim, device, dtype, backward=True) - fwd
-    step_flops = 10 * fwd + 5 * bwd  # ten forward rows, five with an input-only backward
-    peak = peak_tflops(device)
-    print(f"stage-1 step, ten rows, {args.size} UNet, {resolution} px, {str(dtype).split('.')[1]}, {device} "
-          f"({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), torch {torch.__version__}, "
-          f"{step_flops / 1e12:.3f} TFLOP per step")
-    print(f"{'way':<12}{'ms/step':>10}{'rows/s':>10}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'vs ref':>8}")
+
+def peak_memory_gib(device):
+    """CUDA: the peak since the last reset; CPU: the process's peak resident memory so far (it only
+    grows: run one way alone for a clean figure)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reset_memory(device):
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def bench_step(args, device, dtype):
+    step = StepBench(args, device, dtype)
+    measure, peak = timer(device), peak_tflops(device)
+    table = Table(step.title, ["way", "ms/step", "rows/s", "TFLOP/s", "MFU", "peak GiB", "vs ref"], device=device,
+                  path=args.markdown)
     results = {}
     for mode in args.ways.split(","):
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        ms = measure(lambda: step(mode), args.warmup, args.iters)
-        results[mode] = ms
-        tflops = step_flops / ms / 1e9
-        # CPU: the process's peak resident memory so far (it only grows: run one way for a clean figure)
-        mem = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
-        ratio = f"{results['reference'] / ms:>7.2f}x" if "reference" in results else "      -"
-        print(f"{mode:<12}{ms:>10.1f}{10 / ms * 1000:>10.1f}{tflops:>10.2f}{mfu:>8}{mem:>10.2f}{ratio}")
+        reset_memory(device)
+        ms = results[mode] = measure(lambda: step(mode), args.warmup, args.iters)
+        tflops = step.flops / ms / 1e9
+        table.add(mode, f"{ms:.1f}", f"{10 / ms * 1000:.1f}", f"{tflops:.2f}",
+                  f"{100 * tflops / peak:.1f}%" if peak else "-", f"{peak_memory_gib(device):.2f}",
+                  f"{results['reference'] / ms:.2f}x" if "reference" in results else "-")
+    print(table.text())
     return results
 
 
@@ -199,46 +218,99 @@ def bench_unet(args, device, dtype):
     print(f"diffusers {ms_d:.1f} ms   ours {ms_o:.1f} ms   ours is {ms_d / ms_o:.2f}x diffusers' speed")
 
 
-def bench_sampling(args, device, dtype):
-    """One 50-step guided DDIM sampling loop (batch 1, CFG doubles it to 2 rows per UNet call)."""
+# How the UNet runs: (our kernels on, wrapped in torch.compile). Eager runs torch's ops with SDPA;
+# inductor makes its own fused GroupNorm+SiLU and GEGLU; with kernels on, ours run between its graphs.
+BACKENDS = {"eager": (False, False), "compile": (False, True), "kernels": (True, False),
+            "kernels+compile": (True, True)}
+
+
+def sampling_loop(step, model_unet):
+    """One 50-step guided DDIM loop (batch 1; guidance doubles it to 2 rows per UNet call)."""
     from model.schedule import ddim_sample
-    sd15 = args.size == "sd15"
-    ucfg = unet.UNetConfig() if sd15 else unet.TINY
-    model_unet = random_module(unet.UNet, ucfg, device, dtype)
-    latent = (args.resolution or (512 if sd15 else 64)) // 8
     gen = torch.Generator().manual_seed(0)
-    z = torch.randn(1, 4, latent, latent, generator=gen).to(device, dtype)
-    cond, uncond = (torch.randn(1, 77, ucfg.context_dim, generator=gen).to(device, dtype) for _ in range(2))
-    abar = make_alphas_cumprod()
-    ms = timer(device)(lambda: ddim_sample(model_unet, cond, uncond, z, abar, steps=50), 1, max(1, args.iters // 3))
-    print(f"50-step sampling loop, {args.size}, latent {latent}x{latent}: {ms:.0f} ms")
-    return ms
+    z = torch.randn(1, *step.latent_shape, generator=gen).to(step.device, step.dtype)
+    cond, uncond = (torch.randn(1, 77, step.unet.config.context_dim, generator=gen).to(step.device, step.dtype)
+                    for _ in range(2))
+    return lambda: ddim_sample(model_unet, cond, uncond, z, step.alphas_cumprod.cpu(), steps=50)
+
+
+def first_call_s(fn, device):
+    """Seconds of the first call: compiling (Triton or inductor) and autotuning included."""
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench_compare(args, device, dtype):
+    """The stage-1 step (our way of calling the UNet) and a 50-step sampling loop, with the UNet run
+    each way in BACKENDS: one table, ratios against eager. Returns the table."""
+    backends = args.backends.split(",")
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise UserError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    if device != "cuda" and any(BACKENDS[b][0] for b in backends):
+        print("bench.py: kernel ways skipped: the Triton kernels need CUDA (on CPU they only run under the "
+              "interpreter, for correctness)")
+        backends = [b for b in backends if not BACKENDS[b][0]]
+    kernel_ops = set(args.kernel_ops.split(",")) if args.kernel_ops else True
+    step, measure = StepBench(args, device, dtype), timer(device)
+    table = Table(f"{step.title}; 50-step sampling, batch 1 with guidance",
+                  ["UNet run by", "step: first s", "ms/step", "vs eager", "sampling: first s", "ms/loop", "vs eager",
+                   "peak GiB"],
+                  notes=["first s: the first call, compiling and autotuning included; ms: median after warm-up"
+                         + (f"; kernels for {args.kernel_ops} only" if args.kernel_ops else "")], device=device,
+                  path=args.markdown)
+    base, failed = {}, []
+    for backend in backends:
+        kernels_on, compiled = BACKENDS[backend]
+        ops.use_kernels(kernel_ops if kernels_on else False)
+        torch._dynamo.reset()  # each compiled way compiles afresh, its first-call time honest
+        reset_memory(device)
+        try:
+            model_unet = torch.compile(step.unet, dynamic=False) if compiled else step.unet
+            row = []
+            for fn, iters in ((lambda: step("ours", model_unet), args.iters),
+                              (sampling_loop(step, model_unet), max(1, args.iters // 3))):
+                first = first_call_s(fn, device)
+                ms = measure(fn, max(0, args.warmup - 1), iters)
+                base.setdefault(len(row), ms)
+                row += [f"{first:.1f}", f"{ms:.1f}", f"{base[len(row)] / ms:.2f}x"]
+            table.add(backend, *row, f"{peak_memory_gib(device):.2f}")
+        except Exception as e:  # noqa: BLE001  (one way failing leaves the others measured)
+            failed.append(f"{backend}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+            table.add(backend, *["failed"] * 6, "-")
+        finally:
+            ops.use_kernels(None)
+    print(table.text())
+    if failed:
+        raise UserError("bench.py: " + "; ".join(failed))
+    return table
 
 
 def bench_kernels(args, device, dtype):
-    """Every kernel's table, then the stage-1 step and a sampling loop with kernels off and on."""
+    """Every kernel's table, then the step and sampling comparison."""
     import importlib
     if device != "cuda":
-        print("bench.py --kernels: needs a CUDA device (the kernels are Triton; on CPU they only run under the "
-              "interpreter, for correctness)")
-        return
-    for name in ("attention", "group_norm_silu", "geglu"):
-        importlib.import_module(f"kernels.{name}").benchmark()
-    times = {}
-    for flag in (False, True):
-        ops.use_kernels(flag)
-        print(f"--- kernels {'on' if flag else 'off'}")
-        times[flag] = bench_step(args, device, dtype)["ours"], bench_sampling(args, device, dtype)
-    ops.use_kernels(None)
-    print(f"kernels on vs off: stage-1 step {times[False][0] / times[True][0]:.2f}x, "
-          f"sampling loop {times[False][1] / times[True][1]:.2f}x")
+        print("bench.py --kernels: the kernel tables need a CUDA device (the kernels are Triton; on CPU they only "
+              "run under the interpreter, for correctness)")
+    else:
+        for name in ("attention", "group_norm_silu", "geglu"):
+            for table in importlib.import_module(f"kernels.{name}").benchmark():
+                print(table.text())
+    bench_compare(args, device, dtype)
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--unet", action="store_true", help="UNet forward: ours vs diffusers")
-    p.add_argument("--kernels", action="store_true", help="kernel tables, then the step with kernels on vs off")
+    p.add_argument("--compare", action="store_true",
+                   help="step and sampling with the UNet run eager, compiled, with our kernels, both")
+    p.add_argument("--kernels", action="store_true", help="kernel tables (CUDA), then --compare")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="--compare: which ways to run the UNet")
+    p.add_argument("--kernel_ops", default="", help="kernel ways: only these ops' kernels (e.g. attention,geglu)")
     p.add_argument("--size", choices=["tiny", "sd15"], default=None, help="default sd15 on CUDA, tiny on CPU")
     p.add_argument("--resolution", type=int, default=None, help="image size in pixels")
     p.add_argument("--batch", type=int, default=1, help="rows per UNet call (--unet)")
@@ -247,7 +319,17 @@ if __name__ == "__main__":
     p.add_argument("--ways", default="reference,one_graph,ours", help="which ways of the step to time")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     p.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
-    args = p.parse_args()
+    p.add_argument("--markdown", default=None, help="also write the step table to this markdown file")
+    args = p.parse_args(argv)
+    if args.kernel_ops:
+        unknown = set(args.kernel_ops.split(",")) - set(ops.OPS)
+        if unknown:
+            p.error(f"--kernel_ops: no kernel named {', '.join(sorted(unknown))} (the ops: {', '.join(ops.OPS)})")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device, _, dtype = run.device_and_dtype(args.device, args.precision)
     device = device.split(":")[0]
     args.size = args.size or ("sd15" if device == "cuda" else "tiny")
@@ -256,5 +338,12 @@ if __name__ == "__main__":
         bench_unet(args, device, dtype)
     elif args.kernels:
         bench_kernels(args, device, dtype)
+    elif args.compare:
+        bench_compare(args, device, dtype)
     else:
         bench_step(args, device, dtype)
+
+
+if __name__ == "__main__":
+    run.report_user_errors()
+    main()

@@ -564,21 +564,24 @@ SD15_SHAPES = [  # (name, rows, heads, queries, keys, head dim) at 512 px, 10 ro
 CONDITIONS = [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]  # the stage-1 step: ten rows over four conditions
 
 
-def benchmark():
+def benchmark(path=None, compiled=True):
     """TFLOP/s forward and forward+backward at every SD1.5 shape, bf16, ours beside each SDPA
-    backend, q/k/v laid out as the model makes them ([B, L, H, D] viewed as [B, H, L, D])."""
+    backend and torch.compile of the reference, q/k/v laid out as the model makes them ([B, L, H, D]
+    viewed as [B, H, L, D]). Returns the table (also written to `path` as markdown, row by row)."""
     if not torch.cuda.is_available():
         print("kernels.attention benchmark: needs a CUDA device; nothing measured "
               "(correctness is tested on CPU under the Triton interpreter: tests/test_kernels.py)")
-        return
+        return []
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from kernels.bench_util import time_ms
+    from kernels.bench_util import Table, cell, time_ms
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-    print(f"attention, bf16, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print("TFLOP/s (4 B H L S D per forward; fwd+bwd counts 3.5x that); 'indexed' = 4 conditions for 10 rows,"
-          " torch gathers them first; '-' = backend refused the shape")
-    print(f"{'shape':<20}{'pass':<9}{'ours':>7}" + "".join(f"{n:>10}" for n in backends) + f"{'ours/best':>11}")
+    ways = [*backends, "eager", *(["compiled"] if compiled else [])]
+    table = Table("attention, bf16, TFLOP/s", ["shape", "pass", "ours", *ways, "ours/best", "ours GB/s"], notes=[
+        "TFLOP/s of 4 B H L S D per forward (fwd+bwd counts 3.5x that); 'indexed': 4 conditions for 10 rows "
+        "(torch gathers them first); eager: SDPA's own choice; compiled: torch.compile of the same; "
+        "'-': the backend refused the shape; GB/s: ours, of the minimum traffic (q, k, v, o; + dO, dQ, dK, dV)"],
+        path=path)
 
     def made(rows, heads, length, d):  # as the model makes it: a projection viewed per head
         t = torch.randn(rows, length, heads, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -592,27 +595,35 @@ def benchmark():
         q, k, v = made(b, h, lq, d), made(kv_rows, h, lk, d), made(kv_rows, h, lk, d)
         g = torch.randn_like(q)
         flops = 4 * b * h * lq * lk * d
-        for label, factor in (("fwd", 1.0), ("fwd+bwd", 3.5)):
-            def rate(fn):
+        traffic = 2 * (2 * q.numel() + 2 * k.numel())  # bytes: read q, k, v, write o
+        for label, factor, bytes_factor in (("fwd", 1.0, 1), ("fwd+bwd", 3.5, 3)):
+            def ms_of(fn):
                 if label == "fwd":
                     with torch.no_grad():
-                        ms = time_ms(lambda: fn(q, k, v))
-                else:
-                    ms = time_ms(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), g))
-                return factor * flops / ms / 1e9
-            ours = rate(lambda q, k, v: attention(q, k, v, kv_index=index))
+                        return time_ms(lambda: fn(q, k, v))
+                return time_ms(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), g))
+
+            def rate(fn):
+                return factor * flops / ms_of(fn) / 1e9
+            ours_ms = ms_of(lambda q, k, v: attention(q, k, v, kv_index=index))
+            ours_ms_rate, ours_gbs = factor * flops / ours_ms / 1e9, bytes_factor * traffic / ours_ms / 1e6
+            reference = lambda q, k, v: attention_ref(q, k, v, kv_index=index)  # noqa: E731
             theirs = {}
-            for bname, backend in backends.items():
+            for way in ways:
                 try:
-                    with sdpa_kernel(backend):
-                        theirs[bname] = rate(lambda q, k, v: attention_ref(q, k, v, kv_index=index))
-                except RuntimeError:
-                    theirs[bname] = None
+                    if way in backends:
+                        with sdpa_kernel(backends[way]):
+                            theirs[way] = rate(reference)
+                    else:
+                        theirs[way] = rate(torch.compile(reference, dynamic=False) if way == "compiled" else reference)
+                except Exception:  # noqa: BLE001  (a backend refusing the shape, or inductor failing: '-')
+                    theirs[way] = None
             measured = [t for t in theirs.values() if t is not None]
-            print(f"{name:<20}{label:<9}{ours:>7.0f}" + "".join(f"{'-' if t is None else f'{t:.0f}':>10}"
-                                                                for t in theirs.values())
-                  + (f"{ours / max(measured):>10.2f}x" if measured else ""))
+            table.add(name, label, cell(ours_ms_rate), *(cell(t) for t in theirs.values()),
+                      f"{ours_ms_rate / max(measured):.2f}x" if measured else "-", cell(ours_gbs))
+    return [table]
 
 
 if __name__ == "__main__":
-    benchmark()
+    for t in benchmark():
+        print(t.text())

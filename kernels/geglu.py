@@ -102,30 +102,23 @@ SD15_SHAPES = [  # [B, L, 2F] of the UNet's feed-forwards at 512 px, ten rows (F
 ]
 
 
-def benchmark():
-    """GB/s forward and forward+backward, ours beside eager chunk + F.gelu + multiply, bf16."""
+def benchmark(path=None, compiled=True):
+    """GB/s forward and forward+backward, bf16: ours beside eager chunk + F.gelu + multiply and
+    torch.compile of it. Returns the table (also written to `path` as markdown, row by row)."""
     if not torch.cuda.is_available():
         print("kernels.geglu benchmark: needs a CUDA device; nothing measured "
               "(correctness is tested on CPU under the Triton interpreter: tests/test_kernels.py)")
-        return
-    from kernels.bench_util import time_ms
-    print(f"GEGLU, bf16, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print("GB/s of the minimum traffic (fwd: read x, write y; fwd+bwd: + read x, g, write dx); x = ours / eager")
-    print(f"{'shape [B, L, 2F]':<22}{'fwd ours':>10}{'eager':>8}{'x':>7}{'f+b ours':>10}{'eager':>8}{'x':>7}")
-    for shape in SD15_SHAPES:
+        return []
+    from kernels.bench_util import memory_bound_table
+
+    def make(shape):
         x = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         g = torch.randn(*shape[:-1], shape[-1] // 2, device="cuda", dtype=torch.bfloat16)
-        fwd_bytes = 1.5 * x.numel() * x.element_size()
-        both_bytes = fwd_bytes + 2.5 * x.numel() * x.element_size()
-        rates = []
-        for fn in (geglu, geglu_ref):
-            with torch.no_grad():
-                rates.append(fwd_bytes / time_ms(lambda: fn(x)) / 1e6)
-            rates.append(both_bytes / time_ms(lambda: torch.autograd.grad(fn(x), x, g)) / 1e6)
-        ours_f, ours_b, ref_f, ref_b = rates
-        print(f"{str(list(shape)):<22}{ours_f:>10.0f}{ref_f:>8.0f}{ours_f / ref_f:>7.2f}"
-              f"{ours_b:>10.0f}{ref_b:>8.0f}{ours_b / ref_b:>7.2f}")
+        nbytes = x.numel() * x.element_size()
+        return (x,), x, g, 1.5 * nbytes, 4 * nbytes  # fwd: x, y (half); bwd: + x, g (half), dx
+    return memory_bound_table("GEGLU, bf16", "shape [B, L, 2F]", SD15_SHAPES, make, geglu, geglu_ref, path, compiled)
 
 
 if __name__ == "__main__":
-    benchmark()
+    for t in benchmark():
+        print(t.text())

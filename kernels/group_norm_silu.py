@@ -185,33 +185,25 @@ SD15_SHAPES = [  # [N, C, H, W] at 512 px: the UNet's resnets for the ten-row st
 ]
 
 
-def benchmark():
-    """GB/s forward and forward+backward, ours beside eager F.group_norm + F.silu, bf16."""
+def benchmark(path=None, compiled=True):
+    """GB/s forward and forward+backward, bf16: ours beside eager F.group_norm + F.silu and
+    torch.compile of it. Returns the table (also written to `path` as markdown, row by row)."""
     if not torch.cuda.is_available():
         print("kernels.group_norm_silu benchmark: needs a CUDA device; nothing measured "
               "(correctness is tested on CPU under the Triton interpreter: tests/test_kernels.py)")
-        return
-    from kernels.bench_util import time_ms
-    print(f"GroupNorm(32)+SiLU, bf16, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"triton {triton.__version__}")
-    print("GB/s of the minimum traffic (fwd: read x, write y; fwd+bwd: + read x, dy, write dx); x = ours / eager")
-    print(f"{'shape [N, C, H, W]':<24}{'fwd ours':>10}{'eager':>8}{'x':>7}{'f+b ours':>10}{'eager':>8}{'x':>7}")
-    for shape in SD15_SHAPES:
+        return []
+    from kernels.bench_util import memory_bound_table
+
+    def make(shape):
         x = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         w = (1 + 0.1 * torch.randn(shape[1], device="cuda", dtype=torch.bfloat16)).requires_grad_(True)
         b = (0.1 * torch.randn(shape[1], device="cuda", dtype=torch.bfloat16)).requires_grad_(True)
-        g = torch.randn_like(x)
-        fwd_bytes = 2 * x.numel() * x.element_size()
-        both_bytes = 5 * x.numel() * x.element_size()
-        rates = []
-        for fn in (group_norm_silu, group_norm_silu_ref):
-            with torch.no_grad():
-                rates.append(fwd_bytes / time_ms(lambda: fn(x, 32, w, b, 1e-5)) / 1e6)
-            rates.append(both_bytes / time_ms(lambda: torch.autograd.grad(fn(x, 32, w, b, 1e-5), (x, w, b), g)) / 1e6)
-        ours_f, ours_b, ref_f, ref_b = rates
-        print(f"{str(list(shape)):<24}{ours_f:>10.0f}{ref_f:>8.0f}{ours_f / ref_f:>7.2f}"
-              f"{ours_b:>10.0f}{ref_b:>8.0f}{ours_b / ref_b:>7.2f}")
+        nbytes = x.numel() * x.element_size()
+        return (x, 32, w, b, 1e-5), (x, w, b), torch.randn_like(x), 2 * nbytes, 5 * nbytes
+    return memory_bound_table("GroupNorm(32)+SiLU, bf16", "shape [N, C, H, W]", SD15_SHAPES, make,
+                              group_norm_silu, group_norm_silu_ref, path, compiled)
 
 
 if __name__ == "__main__":
-    benchmark()
+    for t in benchmark():
+        print(t.text())
