@@ -20,8 +20,8 @@ from tqdm import tqdm
 import accord_losses
 import model
 from model import conditions, lora, run
-from model.data import load_images
-from model.generate import generate, grid, save_png
+from model.data import list_images, load_images
+from model.generate import generate, grid, progress_bar, save_png
 from model.schedule import add_noise
 
 
@@ -73,16 +73,21 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     # ---------------------------------------------------------------------------------------------
-    # load
+    # load: every input is checked before anything is written, the cheap checks first
     target, residual, meta = run.load_tokens(args.out)
     stage1 = meta.get("settings", {})
-    checkpoint_path = run.prepare_out(args.out, "stage2", args.resume, args.overwrite)
-    sd = model.load(args.model or stage1.get("model") or model.DEFAULT_MODEL, device, dtype)
+    run.check_out(args.out, "stage2", args.resume, args.overwrite)
+    images = run.find_images(args.out, args.images)
+    image_paths, _, _ = list_images(images)
+    if [p.name for p in image_paths] != meta["images"]:
+        raise model.UserError(f"the images in {images} are not the ones stage 1 learned from "
+                              f"({len(meta['images'])} files: {', '.join(meta['images'][:3])}, ...)")
+    model_path = run.find_model(args.out, args.model, stage1, model.DEFAULT_MODEL)
+    print(f"stage 2: LoRA for {run.TARGET_TOKEN} of run folder {args.out}, photos in {images}")
+    print(f"model: {run.describe_model(model_path, model.DEFAULT_MODEL)} on {device}, {precision}")
+    sd = model.load(model_path, device, dtype)
     resolution = stage1.get("resolution") or sd.resolution
-    refs = load_images(args.images or stage1["images"], resolution, None)
-    if refs.names != meta["images"]:
-        raise model.UserError(f"the images in {args.images or stage1['images']} are not the ones stage 1 learned "
-                              f"from ({len(meta['images'])} files: {', '.join(meta['images'][:3])}, ...)")
+    refs = load_images(images, resolution, None)
     n, per_image = residual.shape[:2]
     residual_tokens = run.residual_names(n, per_image)
     sd.tokenizer.add_multi_vector_token(run.TARGET_TOKEN, len(target))
@@ -102,56 +107,74 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=precision == "fp16")
     generator = torch.Generator().manual_seed(args.seed)
-    start = 0
-    if args.resume:
-        start, _ = run.load_checkpoint(checkpoint_path, params, optimizer, generator)
-        print(f"resuming at step {start}")
-    log = run.Log(os.path.join(args.out, "stage2_log.jsonl"), resume_step=start if args.resume else None)
-    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
-    settings.update(resolution=resolution, precision=precision, device=device)
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "out", "images", "model")}
+    settings.update(resolution=resolution, precision=precision, device=device,
+                    model=run.model_name(model_path, model.DEFAULT_MODEL))  # no local path in shared files
 
-    # ---------------------------------------------------------------------------------------------
-    # train
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="stage 2", dynamic_ncols=True)
-    for step in bar:
-        t0 = time.perf_counter()
-        rng_before = generator.get_state()  # a checkpoint taken inside this step must replay it
-        i = torch.randint(n, (args.batch,), generator=generator)
-        t = torch.randint(0, len(alphas_cumprod), (args.batch,), generator=generator)
-        noise = torch.randn(args.batch, *latents.shape[1:], generator=generator).to(device, dtype)
-        i, t = i.to(device), t.to(device)
-        x = add_noise(latents[i], t, noise, alphas_cumprod)
-        eps = conditions.predict(sd.unet, table, conditions.stage2_rows(x, t, i, n, with_dd))
-        terms = accord_losses.loss_terms(eps, noise, t, alphas_cumprod, args.dd_space)
-        loss = accord_losses.total(terms, {"dd": args.dd_weight})
-        if not torch.isfinite(loss):
-            generator.set_state(rng_before)
-            run.save_checkpoint(checkpoint_path, params, optimizer, generator, step)
-            raise model.UserError(f"the loss became {loss.item()} at step {step}; the last good state is saved, "
-                                  "try a lower --lr and --resume")
-        run.optimizer_step(loss, optimizer, scaler, list(params.values()))
+    with run.claim_out(args.out, "stage2", args.resume, args.overwrite) as checkpoint_path:
+        run.save_paths(args.out, images=images, model=model_path)
+        start = 0
+        if args.resume:
+            start, _ = run.load_checkpoint(checkpoint_path, params, optimizer, generator)
+            print(f"resuming at step {start}")
+        log = run.Log(os.path.join(args.out, "stage2_log.jsonl"), resume_step=start if args.resume else None)
+        # What an interrupted run saves: the state after the last finished step.
+        finished, rng_finished = start, generator.get_state()
+        boundary = run.StepBoundary()
+        with boundary:
+            try:
+                # -------------------------------------------------------------------------------------
+                # train
+                bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="stage 2",
+                           dynamic_ncols=True)
+                for step in bar:
+                    t0 = time.perf_counter()
+                    rng_before = generator.get_state()  # a checkpoint taken inside this step must replay it
+                    i = torch.randint(n, (args.batch,), generator=generator)
+                    t = torch.randint(0, len(alphas_cumprod), (args.batch,), generator=generator)
+                    noise = torch.randn(args.batch, *latents.shape[1:], generator=generator).to(device, dtype)
+                    i, t = i.to(device), t.to(device)
+                    x = add_noise(latents[i], t, noise, alphas_cumprod)
+                    eps = conditions.predict(sd.unet, table, conditions.stage2_rows(x, t, i, n, with_dd))
+                    terms = accord_losses.loss_terms(eps, noise, t, alphas_cumprod, args.dd_space)
+                    loss = accord_losses.total(terms, {"dd": args.dd_weight})
+                    if not torch.isfinite(loss):
+                        generator.set_state(rng_before)
+                        run.save_checkpoint(checkpoint_path, params, optimizer, generator, step)
+                        raise model.UserError(f"the loss became {loss.item()} at step {step}; the last good state is "
+                                              "saved, try a lower --lr and --resume")
+                    with boundary.deferred():  # a Ctrl-C from here on waits until the step is recorded
+                        run.optimizer_step(loss, optimizer, scaler, list(params.values()))
+                        values = {name: round(value.item(), 6) for name, value in terms.items()}
+                        ms = (time.perf_counter() - t0) * 1000
+                        log.write({"step": step + 1, "loss": round(loss.item(), 6), **values, "ms": round(ms, 2)})
+                        bar.set_postfix({**{k: f"{v:.4f}" for k, v in values.items()}, "ms/step": f"{ms:.0f}"})
+                        finished, rng_finished = step + 1, generator.get_state()
+                        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+                            run.save_checkpoint(checkpoint_path, params, optimizer, generator, step + 1)
+                bar.close()
 
-        values = {name: round(value.item(), 6) for name, value in terms.items()}
-        ms = (time.perf_counter() - t0) * 1000
-        log.write({"step": step + 1, "loss": round(loss.item(), 6), **values, "ms": round(ms, 2)})
-        bar.set_postfix({**{k: f"{v:.4f}" for k, v in values.items()}, "ms/step": f"{ms:.0f}"})
-        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            run.save_checkpoint(checkpoint_path, params, optimizer, generator, step + 1)
-
-    # ---------------------------------------------------------------------------------------------
-    # save
-    lora_meta = {"rank": str(args.rank), "alpha": str(args.alpha), "settings": json.dumps(settings)}
-    lora.save_lora(sd.unet, os.path.join(args.out, "lora.peft.safetensors"), "peft", lora_meta)
-    lora.save_lora(sd.unet, os.path.join(args.out, "lora.kohya.safetensors"), "kohya", lora_meta)
-    run.save_checkpoint(checkpoint_path, params, optimizer, generator, args.steps)
-    if args.val_steps > 0:
-        images = generate(sd, sd.prompts, extra, seed=args.seed, steps=args.val_steps, guidance=sd.guidance,
-                          resolution=resolution)
-        save_png(grid(images, columns=len(sd.prompts)), os.path.join(args.out, "stage2_grid.png"))
-    run.mark_done(args.out, "stage2")
+                # -------------------------------------------------------------------------------------
+                # save
+                lora_meta = {"rank": str(args.rank), "alpha": str(args.alpha), "settings": json.dumps(settings)}
+                lora.save_lora(sd.unet, os.path.join(args.out, "lora.peft.safetensors"), "peft", lora_meta)
+                lora.save_lora(sd.unet, os.path.join(args.out, "lora.kohya.safetensors"), "kohya", lora_meta)
+                run.save_checkpoint(checkpoint_path, params, optimizer, generator, args.steps)
+                if args.val_steps > 0:
+                    with progress_bar("validation grid") as progress:
+                        pictures = generate(sd, sd.prompts, extra, seed=args.seed, steps=args.val_steps,
+                                            guidance=sd.guidance, resolution=resolution, progress=progress)
+                    save_png(grid(pictures, columns=len(sd.prompts)), os.path.join(args.out, "stage2_grid.png"))
+            except KeyboardInterrupt:
+                boundary.hold()  # a second Ctrl-C must not cut this save short
+                generator.set_state(rng_finished)
+                run.save_checkpoint(checkpoint_path, params, optimizer, generator, finished)
+                raise run.Interrupted(f"stage 2 stopped after step {finished} of {args.steps}; that state is saved "
+                                      f"in {checkpoint_path}: continue with --resume") from None
+        run.mark_done(args.out, "stage2")
     print(f"stage 2 done: {args.out}/lora.peft.safetensors and lora.kohya.safetensors")
 
 
 if __name__ == "__main__":
-    run.report_user_errors()
+    run.report_user_errors(interrupted="interrupted before training started; nothing was written")
     main()

@@ -41,6 +41,21 @@ class ReferenceSet:
 
 def load_images(folder, resolution, captions_file=None):
     """Read every image in `folder` (sorted by name) at `resolution` px, with captions if any."""
+    image_paths, captions, warnings = list_images(folder, captions_file)
+    pixels = []
+    for path in image_paths:
+        img = read_rgb(path)
+        if min(img.size) < resolution:
+            warnings.append(f"{path.name} is {img.size[0]}x{img.size[1]}, smaller than {resolution} px: it is "
+                            f"upscaled, so expect softer detail (use a larger photo if you have one)")
+        pixels.append(center_square(img, resolution))
+    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return ReferenceSet(images, [p.name for p in image_paths], captions, warnings)
+
+
+def list_images(folder, captions_file=None):
+    """(image paths sorted by name, captions or None, warnings): everything about the folder that can
+    be checked without decoding a picture, so a wrong path fails before a model is loaded."""
     folder = Path(folder)
     if not folder.exists():
         raise UserError(f"image folder {folder} does not exist; pass --images with the folder of your photos")
@@ -56,7 +71,7 @@ def load_images(folder, resolution, captions_file=None):
         raise UserError(f"no images in {folder}{others}; add photos with extensions {' '.join(IMAGE_EXTENSIONS)}")
     names = [p.name for p in image_paths]
 
-    # Captions first: they are cheap to check, and a mistake there should not wait for N decodes.
+    # Captions are cheap to check, and a mistake there should not wait for N decodes.
     warnings = []
     if captions_file is not None:
         captions = captions_from_json(Path(captions_file), names)
@@ -70,16 +85,7 @@ def load_images(folder, resolution, captions_file=None):
         elif missing:
             raise UserError(f"{len(missing)} of {len(names)} images in {folder} have no caption file beside them "
                             f"({first_few(missing)}); add a .txt with the same name for each, or remove all .txt files")
-
-    pixels = []
-    for path in image_paths:
-        img = read_rgb(path)
-        if min(img.size) < resolution:
-            warnings.append(f"{path.name} is {img.size[0]}x{img.size[1]}, smaller than {resolution} px: it is "
-                            f"upscaled, so expect softer detail (use a larger photo if you have one)")
-        pixels.append(center_square(img, resolution))
-    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return ReferenceSet(images, names, captions, warnings)
+    return image_paths, captions, warnings
 
 
 def read_rgb(path):

@@ -2,13 +2,16 @@
 
 Shared by sample.py and the validation grids at the end of each training stage.
 """
+import contextlib
 import math
 import os
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
+from model.errors import UserError
 from model.schedule import ddim_sample
 
 
@@ -22,21 +25,26 @@ def encode_prompts(sd, prompts, extra_embeddings=None):
 
 
 @torch.no_grad()
-def generate(sd, prompts, extra_embeddings=None, seed=0, steps=50, guidance=7.5, resolution=512, batch=4):
+def generate(sd, prompts, extra_embeddings=None, seed=0, steps=50, guidance=7.5, resolution=512, batch=4,
+             progress=None):
     """Images in [0, 1], [len(prompts), 3, H, W] float32 on the CPU. Each image's starting noise
-    depends only on the seed and its position, so a run is reproducible batch size aside."""
+    depends only on the seed and its position, so a run is reproducible batch size aside.
+    `progress(done, total)` is called after every DDIM step of every batch (total = batches x steps)."""
     weight = sd.unet.out[2].weight
     latent = resolution // 2 ** (len(sd.vae.config.ch_mult) - 1)  # SD's VAE: 8x smaller
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(prompts), 4, latent, latent, generator=generator)
     uncond_one = encode_prompts(sd, [""])
     images = []
+    total = math.ceil(len(prompts) / batch) * steps
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
         cond = encode_prompts(sd, chunk, extra_embeddings)
         uncond = uncond_one.expand(len(chunk), -1, -1)
+        before = start // batch * steps
+        step_done = None if progress is None else (lambda done, _, before=before: progress(before + done, total))
         z = ddim_sample(sd.unet, cond, uncond, noise[start:start + batch].to(weight.device, weight.dtype),
-                        sd.alphas_cumprod, steps=steps, guidance=guidance)
+                        sd.alphas_cumprod, steps=steps, guidance=guidance, progress=step_done)
         x = sd.vae.decode(z / sd.vae.scaling_factor)
         images.append((x.float() / 2 + 0.5).clamp(0, 1).cpu())
     return torch.cat(images)
@@ -60,7 +68,26 @@ def grid(images, columns=None):
 
 
 def save_png(pil_image, path):
-    """Atomic, like every output: a killed run leaves no half-written picture."""
+    """Atomic, like every output: a killed run leaves no half-written picture, and a failed write (a
+    full disk) leaves the previous picture and a one-line UserError."""
     tmp = f"{path}.tmp{os.getpid()}.png"
-    pil_image.save(tmp)
-    os.replace(tmp, path)
+    try:
+        pil_image.save(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write {path} ({e.strerror or e}); free some disk space and run again") from None
+        raise
+
+
+@contextlib.contextmanager
+def progress_bar(desc):
+    """A tqdm bar over generate()'s DDIM steps: `with progress_bar("sampling") as p: generate(...,
+    progress=p)`. Sampling SD1.5 on a loaded machine can take minutes; the bar shows it is working."""
+    with tqdm(desc=desc, unit="step", dynamic_ncols=True) as bar:
+        def update(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+        yield update

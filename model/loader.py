@@ -19,10 +19,12 @@ import struct
 from dataclasses import asdict
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from model import clip, unet, vae
 from model.errors import UserError
+from model.schedule import PREDICTION_TYPES
 from model.schedule import alphas_cumprod as make_alphas_cumprod
 from model.tokenizer import Tokenizer
 
@@ -30,8 +32,13 @@ from model.tokenizer import Tokenizer
 COMPONENTS = {
     "unet": (unet, unet.UNet, "model.diffusion_model.", "unet"),
     "vae": (vae, vae.VAE, "first_stage_model.", "vae"),
-    "text_encoder": (clip, clip.CLIPTextEncoder, "cond_stage_model.transformer.text_model.", "text_encoder"),
+    "text_encoder": (clip, clip.build, "cond_stage_model.transformer.text_model.", "text_encoder"),
 }
+# SD 2.x's text encoder (OpenCLIP's tower) lives under its own prefix in the original file.
+OPENCLIP_PREFIX = "cond_stage_model.model."
+# diffusers' single-file loader reads an SD 2 file as epsilon prediction only when its `global_step`
+# is SD 2 base's (875,000), else as v prediction; without that key nothing in the file says which.
+SD2_BASE_GLOBAL_STEP = 875000
 # The DDPM schedule buffers of the original file: the schedule is rebuilt from its formula.
 SCHEDULE_KEYS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                  "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
@@ -51,14 +58,32 @@ SD_PROMPTS = ("a photo of <v>", "a photo of <v> on the beach", "a photo of <v> i
 
 class StableDiffusion:
     """The loaded model: .unet, .vae, .text_encoder, .tokenizer, .alphas_cumprod (float32 [1000]),
-    and the model's own defaults: .resolution, .prompts (with <v>), .guidance."""
+    and the model's own defaults: .resolution, .prompts (with <v>), .guidance, and
+    .prediction_type: what the UNet predicts, "epsilon" or "v_prediction" (SD 2's 768-v), or None
+    when the checkpoint does not say (an SD 2 single file): then the caller must ask the user and
+    call set_prediction_type, which also fills in .resolution (None until then)."""
 
     def __init__(self, unet, vae, text_encoder, tokenizer, alphas_cumprod, resolution=512, prompts=SD_PROMPTS,
-                 guidance=7.5):
+                 guidance=7.5, prediction_type="epsilon"):
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.alphas_cumprod = tokenizer, alphas_cumprod
         self.resolution = resolution  # the image size the model was trained at
         self.prompts, self.guidance = list(prompts), guidance
+        self.prediction_type = prediction_type
+
+    def set_prediction_type(self, prediction_type):
+        """Say what the UNet predicts (a user's --prediction_type for a file that does not say);
+        an unknown resolution becomes that of SD 2's models of that kind: 768 for v, 512 for epsilon."""
+        if prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"prediction type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+        self.prediction_type = prediction_type
+        if self.resolution is None:
+            self.resolution = _sd2_resolution(prediction_type)
+
+
+def _sd2_resolution(prediction_type):
+    """SD 2.x's image size by kind: the 768-v models and the 512 base models; unknown when the kind is."""
+    return {"v_prediction": 768, "epsilon": 512}.get(prediction_type)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,10 +154,45 @@ def read_safetensors(path):
 
 
 def save_safetensors(tensors, path, metadata=None):
-    """Write atomically: a killed process leaves the old file or none, never half a file."""
+    """Write atomically: a killed process leaves the old file or none, never half a file. A write
+    that fails (a full disk, a file-size limit) removes its temporary file, keeps the previous
+    `path` as it was and raises a UserError naming the file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        # safetensors creates its file private (0600); outputs are meant for other tools and users,
+        # so they get the mode any new file gets here (0644 under the usual umask), as PNGs do.
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException as e:  # Ctrl-C too: no temporary file outlives a failed write
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if not isinstance(e, (OSError, SafetensorError)):  # safetensors wraps I/O failures in its own
+            raise
+        kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
+        raise UserError(f"cannot write {path} ({_reason(e)}); {kept}. Free some disk space and run again "
+                        "(training runs continue with --resume)") from None
+
+
+def _reason(error):
+    """The OS's words for a failed write ("No space left on device"), wherever they are wrapped."""
+    text = getattr(error, "strerror", None) or str(error)
+    found = re.search(r"I/O error: (.*?) \(os error \d+\)", text)
+    return found.group(1) if found else text
+
+
+def current_umask():
+    """The process's umask, read without changing it where Linux reports it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: the only portable read is a set and a set back
+    os.umask(mask)
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,9 +229,12 @@ def _fit(t, shape):
 def _load_single_file(path, device, dtype):
     st = SafetensorsFile(path)
     by_component = {name: {} for name in COMPONENTS}
-    unknown = []
+    unknown, openclip = [], {}
     for key in st.keys():
-        if key in SCHEDULE_KEYS or key.startswith("model_ema.") or key.endswith("position_ids"):
+        if key in SCHEDULE_KEYS or key == "global_step" or key.startswith("model_ema.") or key.endswith("position_ids"):
+            continue
+        if key.startswith(OPENCLIP_PREFIX):  # SD 2.x's text encoder
+            openclip[key[len(OPENCLIP_PREFIX):]] = key
             continue
         for name, (_, _, prefix, _) in COMPONENTS.items():
             if key.startswith(prefix):
@@ -180,10 +243,12 @@ def _load_single_file(path, device, dtype):
         else:
             unknown.append(key)
     if unknown:
-        hint = " (an SD 2.x OpenCLIP text encoder is not supported yet)" if any(
-            k.startswith("cond_stage_model.model.") for k in unknown) else ""
-        raise UserError(f"{path}: {len(unknown)} keys are not Stable Diffusion 1.x weights{hint}: "
+        raise UserError(f"{path}: {len(unknown)} keys are not Stable Diffusion 1.x or 2.x weights: "
                         f"{', '.join(unknown[:3])}")
+    if openclip:
+        if by_component["text_encoder"]:
+            raise UserError(f"{path} holds two text encoders (SD 1.x's and SD 2.x's): it is no one model")
+        by_component["text_encoder"] = openclip
     models = {"resolution": int(st.metadata.get("resolution", 512)),
               "prompts": json.loads(st.metadata.get("prompts", "null")) or SD_PROMPTS,
               "guidance": float(st.metadata.get("guidance", 7.5))}
@@ -192,14 +257,61 @@ def _load_single_file(path, device, dtype):
             if not keys:
                 raise UserError(f"{path} has no {name} weights (no keys under '{COMPONENTS[name][2]}')")
             module_lib = COMPONENTS[name][0]
-            if f"{name}_config" in st.metadata:
-                fields = json.loads(st.metadata[f"{name}_config"])
-                cfg = type(module_lib.TINY)(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-            else:
-                cfg = module_lib.config_from_state_dict({k: _Shape(st.shape(full)) for k, full in keys.items()})
-            tensors = {k: st.read(full, f, dtype, device) for k, full in keys.items()}
-            models[name] = _build(name, cfg, tensors)
+            # Shapes that fit no layout fail while the config is inferred or the modules are built
+            # (GroupNorm of 61 channels, a head count that does not divide): one line naming the file.
+            try:
+                if f"{name}_config" in st.metadata:
+                    fields = json.loads(st.metadata[f"{name}_config"])
+                    cfg = type(module_lib.TINY)(**{k: tuple(v) if isinstance(v, list) else v
+                                                   for k, v in fields.items()})
+                elif keys is openclip:
+                    cfg = clip.openclip_config_from_state_dict({k: _Shape(st.shape(full)) for k, full in keys.items()})
+                else:
+                    cfg = module_lib.config_from_state_dict({k: _Shape(st.shape(full)) for k, full in keys.items()})
+                if keys is openclip:  # SD 2 reads 23 of the tower's 24 blocks and not its projection
+                    keys = {k: full for k, full in keys.items() if not clip.openclip_unused(k, cfg)}
+                tensors = {k: st.read(full, f, dtype, device) for k, full in keys.items()}
+                models[name] = _build(name, cfg, tensors)
+            except UserError as e:
+                raise UserError(f"{path}: {e}") from None
+            except (ValueError, TypeError, KeyError, IndexError, RuntimeError, ZeroDivisionError) as e:
+                raise UserError(f"{path}: the {name} weights fit no Stable Diffusion layout "
+                                f"({type(e).__name__}: {e})") from None
+    _check_components_fit(path, models)
+    models["prediction_type"] = _single_file_prediction_type(st, path, models["unet"].config)
+    if "resolution" not in st.metadata and models["unet"].config.context_dim == 1024:
+        models["resolution"] = _sd2_resolution(models["prediction_type"])
     return models
+
+
+def _single_file_prediction_type(st, path, unet_cfg):
+    """What the UNet of a single file predicts, as far as the file says. Files we write say it in
+    their metadata. SD 1.x (768-wide context) predicts noise. An SD 2.x file says it only through a
+    `global_step` entry (what diffusers' single-file loader reads: SD 2 base's 875,000 steps mean
+    epsilon, any other v); without one it is None, unknown, and the user must say."""
+    if st.metadata.get("prediction_type"):
+        return st.metadata["prediction_type"]
+    if unet_cfg.context_dim != 1024:
+        return "epsilon"
+    if "global_step" not in st.keys():
+        return None
+    with open(path, "rb") as f:
+        step = int(st.read("global_step", f).reshape(-1)[0])
+    return "epsilon" if step == SD2_BASE_GLOBAL_STEP else "v_prediction"
+
+
+def _check_components_fit(path, models):
+    """Each component may be valid alone and still not fit the others (an SD 2.x UNet reading
+    1024-wide text beside a 768-wide encoder): that would fail inside the first UNet call."""
+    unet_cfg, vae_cfg = models["unet"].config, models["vae"].config
+    width = models["text_encoder"].config.width
+    if unet_cfg.context_dim != width:
+        raise UserError(f"{path}: the UNet reads {unet_cfg.context_dim}-wide text but the text encoder writes "
+                        f"{width}-wide: these weights do not belong together")
+    if not unet_cfg.in_channels == unet_cfg.out_channels == vae_cfg.z_channels:
+        raise UserError(f"{path}: the UNet takes {unet_cfg.in_channels} latent channels and predicts "
+                        f"{unet_cfg.out_channels}, the VAE has {vae_cfg.z_channels}: these weights do not "
+                        "belong together")
 
 
 class _Shape:
@@ -240,16 +352,36 @@ def _load_diffusers_folder(path, device, dtype):
                 for key in st.keys():
                     if key.endswith("position_ids"):
                         continue
-                    try:
-                        ours = module_lib.diffusers_name(key, cfg)
+                    try:  # the text encoder is renamed (and SD 2's fused) as a whole, below
+                        ours = key if name == "text_encoder" else module_lib.diffusers_name(key, cfg)
                     except KeyError:
                         ours = key  # reported below as unexpected
                     tensors[ours] = st.read(key, f, dtype, device)
+        if name == "text_encoder":
+            tensors = clip.from_transformers(tensors, cfg)
         with torch.device("meta"):
             shapes = COMPONENTS[name][1](cfg).state_dict()
         tensors = {k: _fit(v, shapes[k].shape) if k in shapes else v for k, v in tensors.items()}
         models[name] = _build(name, cfg, tensors)
+    models["prediction_type"] = _folder_prediction_type(path, models["unet"].config)
     return models
+
+
+def _folder_prediction_type(path, unet_cfg):
+    """scheduler/scheduler_config.json says what the UNet predicts (no prediction_type there:
+    diffusers' default, epsilon). Without the file, SD 1.x is epsilon and SD 2.x unknown (None)."""
+    config_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path) as f:
+                prediction_type = json.load(f).get("prediction_type") or "epsilon"
+        except (OSError, ValueError, AttributeError):
+            raise UserError(f"{config_path} cannot be read as JSON") from None
+        if prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"{config_path}: prediction_type {prediction_type!r} is not supported "
+                            f"({', '.join(PREDICTION_TYPES)} are)")
+        return prediction_type
+    return "epsilon" if unet_cfg.context_dim != 1024 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,17 +426,23 @@ def load(path, device="cpu", dtype=torch.float32):
         if not path.endswith(".safetensors"):
             raise UserError(f"{path}: expected a .safetensors file or a diffusers folder")
         models = _load_single_file(path, device, dtype)
-        tokenizer = Tokenizer.from_clip_bpe()
+        tokenizer = Tokenizer.from_clip_bpe(pad=_default_pad(models))
     elif os.path.isdir(os.path.join(path, "unet")):
         models = _load_diffusers_folder(path, device, dtype)
         tok_dir = os.path.join(path, "tokenizer")
         has_files = os.path.isfile(os.path.join(tok_dir, "vocab.json"))
-        tokenizer = Tokenizer.from_folder(tok_dir) if has_files else Tokenizer.from_clip_bpe()
+        tokenizer = Tokenizer.from_folder(tok_dir) if has_files else Tokenizer.from_clip_bpe(pad=_default_pad(models))
     else:
         raise UserError(f"{path} is neither a .safetensors file nor a diffusers folder (no unet/ inside)")
     return StableDiffusion(models["unet"], models["vae"], models["text_encoder"], tokenizer,
                            make_alphas_cumprod(), models["resolution"], models.get("prompts", SD_PROMPTS),
-                           models.get("guidance", 7.5))
+                           models.get("guidance", 7.5), models["prediction_type"])
+
+
+def _default_pad(models):
+    """The padding token of the model's own tokenizer: SD 2's (OpenCLIP's) pads with "!", SD 1's with
+    the end token. It decides what the UNet reads past the prompt, so it must be the model's."""
+    return "!" if models["text_encoder"].config.layout == "openclip" else "<|endoftext|>"
 
 
 def save(sd, path, dtype=None, resolution=None):
@@ -313,8 +451,12 @@ def save(sd, path, dtype=None, resolution=None):
     tensors = {}
     metadata = {"resolution": str(resolution or sd.resolution), "prompts": json.dumps(sd.prompts),
                 "guidance": str(sd.guidance)}
+    if sd.prediction_type is not None:
+        metadata["prediction_type"] = sd.prediction_type
     for name, (_, _, prefix, _) in COMPONENTS.items():
         module = getattr(sd, name)
+        if name == "text_encoder" and module.config.layout == "openclip":
+            prefix = OPENCLIP_PREFIX
         metadata[f"{name}_config"] = json.dumps(asdict(module.config))
         for k, v in module.state_dict().items():
             tensors[prefix + k] = v.to(dtype) if dtype is not None else v

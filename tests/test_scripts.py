@@ -68,9 +68,9 @@ def test_every_output_exists_and_loads(finished_run):
     kohya = load_file(os.path.join(out, "lora.kohya.safetensors"))
     assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in peft
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in kohya
-    samples = os.path.join(out, "samples")
+    samples = os.path.join(out, "samples", "000")
     assert sorted(os.listdir(samples)) == ["00_00.png", "00_01.png", "01_00.png", "01_01.png", "grid.png",
-                                           "prompts.txt"]
+                                           "prompts.txt", "settings.json"]
     assert "a photo of <v> on the beach" in open(os.path.join(samples, "prompts.txt")).read()
 
 
