@@ -1,7 +1,7 @@
-"""Pretrain the embedded toy Stable Diffusion on the generated world of model/toyworld.py, on a CPU.
+"""Pretrain the embedded toy Stable Diffusion on the generated world of toy/world.py, on a CPU.
 
-    python pretrain_tiny.py        # about 80 min on 2 CPU cores -> model/tiny/tiny_sd.safetensors (+ .md card)
-    python pretrain_tiny.py --vae_steps 20 --unet_steps 20 --pool 64 --out /tmp/t.safetensors --work /tmp/t  # smoke
+    python toy/pretrain_tiny.py    # about 80 min on 2 CPU cores -> toy/tiny/tiny_sd.safetensors (+ .md card)
+    python toy/pretrain_tiny.py --vae_steps 20 --unet_steps 20 --pool 64 --out /tmp/t.safetensors --work /tmp/t  # smoke
 
 The model is SD1.5's architecture (the same model/ classes, the real CLIP tokenizer) at a small
 size, so every script runs on it unchanged and a personalisation run takes minutes on a CPU. It is
@@ -10,10 +10,10 @@ trained the way SD was, in two phases:
      perceptual or adversarial loss: flat shapes need neither; L1 was tried and learns far slower);
   2. the UNet and the text encoder together: epsilon loss on SD's noise schedule, captions dropped
      10% of the time so that classifier-free guidance works, and half of the rest replaced by a loose
-     description of the same image (toyworld.loose_caption: some of its words, in any order), so that
+     description of the same image (world.loose_caption: some of its words, in any order), so that
      the text encoder, like SD's, reads a word wherever it stands: personalisation prompts such as
      "<v>" or "<v> <r_1> ... <r_8>" are not captions.
-The world's held-out objects (toyworld.HELD_OUT) never appear: they are what personalisation learns.
+The world's held-out objects (world.HELD_OUT) never appear: they are what personalisation learns.
 Everything follows from --seed (world images from (seed, phase, step), noise from a generator whose
 state the checkpoints keep), so a run is reproducible and --resume continues it exactly.
 """
@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 
@@ -31,13 +32,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+# Run as `python toy/<script>.py`, Python puts toy/ first on sys.path, not the repository root
+# where the `model` library and the `toy` package are: add the root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import model
-from model import clip, run, toyworld, unet, vae
+from model import clip, run, unet, vae
 from model.errors import UserError
 from model.generate import generate, grid, save_png
 from model.loader import StableDiffusion, save_safetensors
 from model.schedule import add_noise, alphas_cumprod
 from model.tokenizer import Tokenizer
+from toy import world
 
 # The sizes: all three in fp16 together stay under 20 MB (8.6M parameters, 17.2 MB).
 # GroupNorm groups: SD keeps 4-40 channels in each group; 32 groups at these widths would leave 1-2
@@ -51,7 +57,7 @@ VAE = vae.VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=8
 # UNet, 4.19M: two levels (8x8, 4x4) with cross-attention at both; its context is the text width.
 UNET = unet.UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
                        num_heads=(4, 4), context_dim=TEXT.width, norm_groups=8)
-RESOLUTION = toyworld.SIZE
+RESOLUTION = world.SIZE
 # Saved with the model as its example prompts (validation grids, sample.py's default): the world's
 # captions with <v> for the object, in each background style and a few places.
 EXAMPLE_PROMPTS = ["a large <v> on a white background, center", "a small <v> on a cloudy black background, top right",
@@ -65,8 +71,9 @@ VAE_IMAGES, VAE_NOISE, POOL_IMAGES, SCALE_NOISE, UNET_NOISE, CHECK_IMAGES, PROMP
 # settings
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="model/tiny/tiny_sd.safetensors", help="the fp16 model file (card: same name, .md)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=model.DEFAULT_MODEL, help="the fp16 model file (card: same name, .md)")
     p.add_argument("--work", default="runs/pretrain_tiny", help="checkpoints, logs and sample grids")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the world images and the noise")
     p.add_argument("--vae_steps", type=int, default=2500, help="phase 1 steps (fresh world images every step)")
@@ -79,7 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--unet_lr", type=float, default=1e-3, help="phase 2 peak learning rate (warmup, cosine decay)")
     p.add_argument("--cfg_dropout", type=float, default=0.1, help="share of captions replaced by '' in phase 2")
     p.add_argument("--loose", type=float, default=0.5, help="share of the other captions replaced by a loose "
-                   "description of the image (toyworld.loose_caption)")
+                   "description of the image (world.loose_caption)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the phase 2 weights that are saved")
     p.add_argument("--vae_minutes", type=float, default=None, help="cut phase 1's steps to fit this many minutes")
     p.add_argument("--unet_minutes", type=float, default=None, help="cut phase 2's steps to fit this many minutes")
@@ -88,7 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--sample_steps", type=int, default=50, help="DDIM steps of the sample grid")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance of the sample grid, "
                    "saved as the model's default")
-    p.add_argument("--classifier", default="model/tiny/classifier.safetensors",
+    p.add_argument("--classifier", default=os.path.join(model.TINY_DIR, "classifier.safetensors"),
                    help="attribute classifier for the card's prompt-following score (skipped if missing)")
     p.add_argument("--eval_prompts", type=int, default=200, help="generated images the classifier scores")
     p.add_argument("--device", default=None, help="default cuda when available")
@@ -179,14 +186,15 @@ def train(phase, stream, params, loss_fn, steps, lr, warmup, args, started, minu
 @torch.no_grad()
 def encode(vae_model, images, device, batch=64):
     """uint8 world images -> (mean, logvar) latents, in chunks to bound memory."""
-    parts = [vae_model.encode(toyworld.to_tensor(images[i:i + batch]).to(device))
+    parts = [vae_model.encode(world.to_tensor(images[i:i + batch]).to(device))
              for i in range(0, len(images), batch)]
     return torch.cat([m for m, _ in parts]), torch.cat([lv for _, lv in parts])
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Always fp32: these are the weights being made (saved as fp16 at the end), not frozen ones.
+    device, _, _ = run.device_and_dtype(args.device, "fp32")
     torch.manual_seed(args.seed)
     os.makedirs(args.work, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -216,8 +224,8 @@ def main(argv=None):
         print(f"vae: phase 1 finished earlier, loaded {vae_file}")
     else:
         def vae_loss(step, generator):
-            images, _, _ = toyworld.batch(np.random.default_rng([args.seed, VAE_IMAGES, step]), args.vae_batch)
-            x = toyworld.to_tensor(images).to(device)
+            images, _, _ = world.batch(np.random.default_rng([args.seed, VAE_IMAGES, step]), args.vae_batch)
+            x = world.to_tensor(images).to(device)
             mean, logvar = vae_model.encode(x)
             z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator).to(device)
             mse = ((vae_model.decode(z) - x) ** 2).mean()
@@ -231,18 +239,18 @@ def main(argv=None):
     vae_model.eval().requires_grad_(False)
 
     # A fixed set of unseen images: reconstruction quality for the card, and a picture of it.
-    check, _, _ = toyworld.batch(np.random.default_rng([args.seed, CHECK_IMAGES]), 64)
+    check, _, _ = world.batch(np.random.default_rng([args.seed, CHECK_IMAGES]), 64)
     with torch.no_grad():
         recon = vae_model.decode(encode(vae_model, check, device)[0]).clamp(-1, 1).cpu()
-    recon_mse = ((recon - toyworld.to_tensor(check)) ** 2).mean().item()
+    recon_mse = ((recon - world.to_tensor(check)) ** 2).mean().item()
     vae_psnr = 10 * math.log10(4 / recon_mse)  # the image range [-1, 1] spans 2
-    save_png(grid(torch.cat([toyworld.to_tensor(check[:8]), recon[:8]]) / 2 + 0.5, columns=8),
+    save_png(grid(torch.cat([world.to_tensor(check[:8]), recon[:8]]) / 2 + 0.5, columns=8),
              os.path.join(args.work, "vae_reconstructions.png"))
     print(f"vae: reconstruction PSNR {vae_psnr:.1f} dB on unseen images (top row: originals)")
 
     # ---------------------------------------------------------------------------------------------
     # phase 2: UNet + text encoder on a pool of latents encoded once
-    images, captions, pool_attrs = toyworld.batch(np.random.default_rng([args.seed, POOL_IMAGES]), args.pool)
+    images, captions, pool_attrs = world.batch(np.random.default_rng([args.seed, POOL_IMAGES]), args.pool)
     pool_mean, pool_logvar = encode(vae_model, images, device)
     del images
     # SD's recipe: scale latents to unit variance (SD1.5's 0.18215 is 1/std of its VAE's latents).
@@ -268,7 +276,7 @@ def main(argv=None):
         rng = np.random.default_rng([args.seed, LOOSE, step])
         loose = [k for k in range(b) if rng.random() < args.loose and not dropped[k]]
         if loose:
-            ids[loose] = tokenizer([toyworld.loose_caption(pool_attrs[int(index[k])], rng) for k in loose]).to(device)
+            ids[loose] = tokenizer([world.loose_caption(pool_attrs[int(index[k])], rng) for k in loose]).to(device)
         mse = F.mse_loss(unet_model(z_t, t, text_encoder(ids)), eps)
         return mse, {}
 
@@ -290,30 +298,30 @@ def main(argv=None):
     model.save(sd, args.out, dtype=torch.float16, resolution=RESOLUTION)
     sd = model.load(args.out, device=device)
     rng = np.random.default_rng([args.seed, PROMPTS])
-    prompts = [toyworld.caption(toyworld.sample_attributes(rng)) for _ in range(12)]
-    prompts += [f"a large {toyworld.concept_name(c)} on a white background, center" for c in toyworld.HELD_OUT]
+    prompts = [world.caption(world.sample_attributes(rng)) for _ in range(12)]
+    prompts += [f"a large {world.concept_name(c)} on a white background, center" for c in world.HELD_OUT]
     pictures = generate(sd, prompts, seed=args.seed, steps=args.sample_steps, guidance=args.guidance,
                         resolution=RESOLUTION, batch=32)
     save_png(grid(pictures, columns=6), samples_path(args.out))
     following = None
     if os.path.exists(args.classifier) and args.eval_prompts > 0:
         # Share of generated images whose attributes the classifier reads as the prompt asked.
-        attrs = [toyworld.sample_attributes(rng) for _ in range(args.eval_prompts)]
-        pictures = generate(sd, [toyworld.caption(a) for a in attrs], seed=args.seed + 1, steps=args.sample_steps,
+        attrs = [world.sample_attributes(rng) for _ in range(args.eval_prompts)]
+        pictures = generate(sd, [world.caption(a) for a in attrs], seed=args.seed + 1, steps=args.sample_steps,
                             guidance=args.guidance, resolution=RESOLUTION, batch=64)
-        classifier = toyworld.load_classifier(args.classifier)
+        classifier = world.load_classifier(args.classifier)
         predicted = classifier.predict(pictures * 2 - 1)
         following = {k: round(float(np.mean([p == a[k] for p, a in zip(v, attrs)])), 3) for k, v in predicted.items()}
         print("prompt following (classifier agreement per attribute):", following)
 
     minutes = (time.perf_counter() - t_start) / 60
-    write_card(args, sd, vae_steps, unet_steps, vae_psnr, following, minutes, prompts)
+    write_card(args, device, sd, vae_steps, unet_steps, vae_psnr, following, minutes, prompts)
     print(f"saved {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB) in {minutes:.1f} min; samples in "
           f"{samples_path(args.out)}")
 
 
 def samples_path(out):
-    """The card's picture, beside the model: model/tiny/tiny_sd_samples.png."""
+    """The card's picture, beside the model: toy/tiny/tiny_sd_samples.png."""
     return os.path.splitext(out)[0] + "_samples.png"
 
 
@@ -328,16 +336,16 @@ def command_line(args):
     """The command that repeats this run: the script plus every setting that is not a default."""
     defaults = vars(parse_args([]))
     changed = [f"--{k} {v}" for k, v in vars(args).items() if v != defaults[k] and k != "resume"]
-    return " ".join(["python pretrain_tiny.py"] + changed)
+    return " ".join(["python toy/pretrain_tiny.py"] + changed)
 
 
-def device_name(args):
-    if (args.device or "").startswith("cuda") or (args.device is None and torch.cuda.is_available()):
-        return torch.cuda.get_device_name()
+def device_name(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
     return f"{os.cpu_count()} CPU cores"
 
 
-def write_card(args, sd, vae_steps, unet_steps, vae_psnr, following, minutes, prompts):
+def write_card(args, device, sd, vae_steps, unet_steps, vae_psnr, following, minutes, prompts):
     """A short model card beside the weights: what it is, how it was made, how well it does."""
     counts = {name: sum(p.numel() for p in getattr(sd, name).parameters()) for name in ("vae", "text_encoder", "unet")}
     steps = f"{vae_steps} VAE + {unet_steps} UNet/text steps"
@@ -345,12 +353,12 @@ def write_card(args, sd, vae_steps, unet_steps, vae_psnr, following, minutes, pr
         "# Tiny Stable Diffusion for the toy world",
         "",
         "SD1.5's architecture (this repository's `model/` classes, the real CLIP BPE tokenizer) at a small size,",
-        "trained from scratch by `pretrain_tiny.py` on the generated images of `model/toyworld.py`: coloured",
+        "trained from scratch by `toy/pretrain_tiny.py` on the generated images of `toy/world.py`: coloured",
         "shapes with patterns on plain, gradient or cloudy backgrounds, 64x64 pixels, 8x8x4 latents. No",
         "third-party weights or images went into it. It exists so that personalisation runs (and tests) work",
         "on a CPU with nothing to download, and so that leakage can be measured with the attribute classifier.",
         "",
-        f"- Made with: `{command_line(args)}` ({steps}, {minutes:.0f} min on {device_name(args)})",
+        f"- Made with: `{command_line(args)}` ({steps}, {minutes:.0f} min on {device_name(device)})",
         f"- Parameters: {', '.join(f'{k} {v / 1e6:.2f}M' for k, v in counts.items())}; stored as fp16, "
         f"{os.path.getsize(args.out) / 1e6:.1f} MB",
         *[f"- `{name}` config: `{json.dumps(asdict(getattr(sd, name).config))}`"
@@ -363,7 +371,7 @@ def write_card(args, sd, vae_steps, unet_steps, vae_psnr, following, minutes, pr
         f"- Resolution {RESOLUTION}; VAE scaling factor {sd.vae.scaling_factor}; reconstruction PSNR "
         f"{vae_psnr:.1f} dB on unseen images",
         "- Held out of pretraining (the concepts to personalise): "
-        + ", ".join(toyworld.concept_name(c) for c in toyworld.HELD_OUT),
+        + ", ".join(world.concept_name(c) for c in world.HELD_OUT),
         f"- Captions look like: \"{prompts[0]}\"",
     ]
     if following:

@@ -1,10 +1,10 @@
-"""ToyBench: concept leakage counted exactly, on the toy world of model/toyworld.py.
+"""ToyBench: concept leakage counted exactly, on the toy world of toy/world.py.
 
-    python toybench.py                                          # 3 concepts x 3 seeds, ~13 min on 2 CPU cores
-    python toybench.py --concepts 1 --seeds 1 --steps 20 --stage2_steps 10 --sample_steps 10   # smoke
+    python toy/toybench.py                                      # 3 concepts x 3 seeds, ~13 min on 2 CPU cores
+    python toy/toybench.py --concepts 1 --seeds 1 --steps 20 --stage2_steps 10 --sample_steps 10   # smoke
 
 For every held-out concept and seed it renders reference photos of the concept, each on a background
-colour of its own and in a corner of its own (toyworld.reference_set), personalises the embedded toy
+colour of its own and in a corner of its own (world.reference_set), personalises the embedded toy
 model with each method below, then asks for the concept somewhere new: "a large <v> on a {colour}
 background, center" for every background colour no reference used. The attribute classifier reads
 every generated image:
@@ -27,15 +27,21 @@ it stopped; the table (mean and spread over seeds) goes to <out>/table.md and a 
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 import torch
 
+# Run as `python toy/<script>.py`, Python puts toy/ first on sys.path, not the repository root
+# where the `model` library, the stage scripts and the `toy` package are: add the root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import model
 import stage1_tokens
 import stage2_lora
-from model import lora, run, toyworld
+from model import lora, run
 from model.generate import generate, grid, save_png
+from toy import world
 
 METHODS = {  # name: stage-1 arguments (None: no learning), LoRA stage after it
     "words (no learning)": (None, False),
@@ -54,16 +60,17 @@ MEASURES = ("fidelity", *CONCEPT_PARTS, "alignment", "leak bg", "leak pos")
 # settings
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/toybench", help="runs, results.jsonl, table.md and grid.png")
-    p.add_argument("--model", default=model.DEFAULT_MODEL, help="a toy-world model (default: the embedded one)")
+    p.add_argument("--model", default=model.DEFAULT_MODEL, help="a toy-world model (the embedded one)")
     p.add_argument("--classifier", default=os.path.join(model.TINY_DIR, "classifier.safetensors"),
-                   help="the attribute classifier train_classifier.py wrote")
+                   help="the attribute classifier toy/train_classifier.py wrote")
     p.add_argument("--concepts", type=int, default=3, help="how many of the held-out concepts (at most 5)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per concept: reference photos, training, sampling")
     p.add_argument("--images", type=int, default=4, help="reference photos per concept")
     p.add_argument("--steps", type=int, default=400, help="stage-1 steps (the README's first command's)")
-    p.add_argument("--lr", type=float, default=None, help="stage-1 learning rate (default: stage 1's)")
+    p.add_argument("--lr", type=float, default=None, help="stage-1 learning rate (None: stage 1's)")
     p.add_argument("--target_vectors", type=int, default=3, help="vectors <v> stands for (the README's first "
                    "command's: one per attribute the toy model's words name)")
     p.add_argument("--stage2_steps", type=int, default=120, help="stage-2 steps")
@@ -71,15 +78,15 @@ def parse_args(argv=None):
     p.add_argument("--sample_steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--device", default=None, help="default cuda when available")
     args = p.parse_args(argv)
-    if not 1 <= args.concepts <= len(toyworld.HELD_OUT):
-        raise model.UserError(f"--concepts must be 1 to {len(toyworld.HELD_OUT)}")
+    if not 1 <= args.concepts <= len(world.HELD_OUT):
+        raise model.UserError(f"--concepts must be 1 to {len(world.HELD_OUT)}")
     if not 2 <= args.images <= 6:
         raise model.UserError("--images must be 2 to 6 (exclusion needs two; the method is meant for a few photos)")
     if min(args.seeds, args.steps, args.stage2_steps, args.per_prompt, args.sample_steps, args.target_vectors) < 1:
         raise model.UserError("--seeds, --steps, --stage2_steps, --per_prompt, --sample_steps and --target_vectors "
                               "must be >= 1")
     if not os.path.exists(args.classifier):
-        raise model.UserError(f"no classifier at {args.classifier}; train one with python train_classifier.py")
+        raise model.UserError(f"no classifier at {args.classifier}; train one with python toy/train_classifier.py")
     return args
 
 
@@ -103,7 +110,7 @@ def personalise(args, refs, folder, stage1_args, with_lora, seed):
         stage2_lora.main(["--out", folder, "--steps", str(args.stage2_steps), again("stage2")] + common)
 
 
-def draw(args, prompts, folder, with_lora, seed):
+def generate_images(args, prompts, folder, with_lora, seed):
     """The prompts drawn with the learned <v> (and LoRA), as sample.py would; words alone without a folder."""
     device, _, dtype = run.device_and_dtype(args.device, None)
     sd = model.load(args.model, device, dtype)
@@ -147,16 +154,16 @@ def main(argv=None):
                 r = json.loads(line)
                 if all(m in r for m in MEASURES):  # rows of an older ToyBench are measured again
                     done[(r["concept"], r["seed"], r["method"])] = r
-    classifier = toyworld.load_classifier(args.classifier)
+    classifier = world.load_classifier(args.classifier)
     pictures = []  # the first concept and seed: references, then a row of images per method
 
-    for c, concept in enumerate(toyworld.HELD_OUT[:args.concepts]):
-        name = toyworld.concept_name(concept)
+    for c, concept in enumerate(world.HELD_OUT[:args.concepts]):
+        name = world.concept_name(concept)
         for seed in range(args.seeds):
-            images, captions, ref_attrs = toyworld.reference_set(concept, args.images, np.random.default_rng([seed, c]))
+            images, captions, ref_attrs = world.reference_set(concept, args.images, np.random.default_rng([seed, c]))
             refs = os.path.join(args.out, "refs", f"{name.replace(' ', '_')}_seed{seed}")
-            toyworld.write_folder(refs, images, captions)
-            grounds = [g for g in toyworld.RGB if g != concept[1] and g not in {a["background"] for a in ref_attrs}]
+            world.write_folder(refs, images, captions)
+            grounds = [g for g in world.RGB if g != concept[1] and g not in {a["background"] for a in ref_attrs}]
             grounds = [g for g in grounds for _ in range(args.per_prompt)]
             for method, (stage1_args, with_lora) in METHODS.items():
                 key = (name, seed, method)
@@ -165,12 +172,12 @@ def main(argv=None):
                     folder = os.path.join(args.out, "runs", f"{name.replace(' ', '_')}_seed{seed}",
                                           "_".join(stage1_args).replace("-", "") or "default")
                 subject = name if folder is None else "<v>"
-                prompts = [f"a large {subject} on {toyworld.background_words(g)}, center" for g in grounds]
+                prompts = [f"a large {subject} on {world.background_words(g)}, center" for g in grounds]
                 if key in done and not (c == 0 and seed == 0):
                     continue
                 if folder is not None:
                     personalise(args, refs, folder, stage1_args, with_lora, seed)
-                generated = draw(args, prompts, folder, with_lora, seed)
+                generated = generate_images(args, prompts, folder, with_lora, seed)
                 if c == 0 and seed == 0:
                     pictures.append(generated[::args.per_prompt])
                 if key not in done:
@@ -180,7 +187,7 @@ def main(argv=None):
                         f.write(json.dumps(done[key]) + "\n")
                 print(f"{name}, seed {seed}, {method}: " + ", ".join(f"{m} {done[key][m]:.2f}" for m in MEASURES))
             if c == 0 and seed == 0:
-                pictures.insert(0, toyworld.to_tensor(images) / 2 + 0.5)
+                pictures.insert(0, world.to_tensor(images) / 2 + 0.5)
 
     # ---------------------------------------------------------------------------------------------
     # the table: per seed the mean over concepts and images, then mean and spread over seeds

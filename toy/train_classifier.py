@@ -1,9 +1,9 @@
 """Train the toy world's attribute classifier: the ruler that measures concept leakage exactly.
 
-    python train_classifier.py                  # a few minutes on 2 CPU cores -> model/tiny/classifier.safetensors
+    python toy/train_classifier.py              # a few minutes on 2 CPU cores -> toy/tiny/classifier.safetensors
 
 It reads a 64x64 image and names its shape, colour, pattern, size, position, background colour and
-background style (model/toyworld.py). It is used only to measure generated images, never to train
+background style (toy/world.py). It is used only to measure generated images, never to train
 or steer a generator, so it trains on the whole world, held-out concepts included. Generated
 images are softer and noisier than rendered ones, so training images are randomly blurred and
 noised; the report gives per-attribute accuracy on fresh images (clean and degraded) and on the
@@ -13,23 +13,32 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import run, toyworld
+# Run as `python toy/<script>.py`, Python puts toy/ first on sys.path, not the repository root
+# where the `model` library and the `toy` package are: add the root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import model
+from model import run
 from model.errors import UserError
 from model.loader import save_safetensors
+from toy import world
 
 # Seeds of the three independent image streams: (seed, stream, ...) never collide.
 TRAIN, TEST, CONCEPTS = 0, 1, 2
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="model/tiny/classifier.safetensors", help="where to write the classifier")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=os.path.join(model.TINY_DIR, "classifier.safetensors"),
+                   help="where to write the classifier (the default is where toybench.py reads it)")
     p.add_argument("--steps", type=int, default=3000, help="training steps (fresh images every step)")
     p.add_argument("--batch", type=int, default=64, help="images per step")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (cosine decay)")
@@ -60,7 +69,7 @@ def degrade(x, generator, max_sigma=1.2, max_noise=0.06):
 @torch.no_grad()
 def accuracy(classifier, images, attrs, batch=256):
     """{attribute: fraction of images whose value it names correctly}."""
-    targets = toyworld.labels(attrs)
+    targets = world.labels(attrs)
     correct = {name: 0 for name in targets}
     for start in range(0, len(images), batch):
         logits = classifier(images[start:start + batch])
@@ -72,7 +81,7 @@ def accuracy(classifier, images, attrs, batch=256):
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    classifier = toyworld.AttributeClassifier(args.width)
+    classifier = world.AttributeClassifier(args.width)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=args.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
@@ -82,9 +91,9 @@ def main(argv=None):
     # train: every step draws new images from the whole world, so nothing is seen twice
     bar = tqdm(range(args.steps), desc="classifier", dynamic_ncols=True)
     for step in bar:
-        images, _, attrs = toyworld.batch(np.random.default_rng([args.seed, TRAIN, step]), args.batch, held_out=())
-        logits = classifier(degrade(toyworld.to_tensor(images), generator))
-        targets = toyworld.labels(attrs)
+        images, _, attrs = world.batch(np.random.default_rng([args.seed, TRAIN, step]), args.batch, held_out=())
+        logits = classifier(degrade(world.to_tensor(images), generator))
+        targets = world.labels(attrs)
         loss = sum(F.cross_entropy(logits[name], targets[name]) for name in logits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -95,19 +104,19 @@ def main(argv=None):
     # ---------------------------------------------------------------------------------------------
     # measure on images never trained on
     classifier.eval()
-    images, _, attrs = toyworld.batch(np.random.default_rng([args.seed, TEST]), args.eval, held_out=())
-    test = toyworld.to_tensor(images)
+    images, _, attrs = world.batch(np.random.default_rng([args.seed, TEST]), args.eval, held_out=())
+    test = world.to_tensor(images)
     concept_rng = np.random.default_rng([args.seed, CONCEPTS])
-    per_concept = max(1, args.eval // len(toyworld.HELD_OUT))
-    concept_sets = [toyworld.batch(concept_rng, per_concept, concept=c) for c in toyworld.HELD_OUT]
+    per_concept = max(1, args.eval // len(world.HELD_OUT))
+    concept_sets = [world.batch(concept_rng, per_concept, concept=c) for c in world.HELD_OUT]
     report = {
         "test": accuracy(classifier, test, attrs),
         "test_degraded": accuracy(classifier, degrade(test, torch.Generator().manual_seed(args.seed)), attrs),
-        "held_out_concepts": accuracy(classifier, toyworld.to_tensor(np.concatenate([s[0] for s in concept_sets])),
+        "held_out_concepts": accuracy(classifier, world.to_tensor(np.concatenate([s[0] for s in concept_sets])),
                                       sum((s[2] for s in concept_sets), [])),
     }
     print(f"{'attribute':<18}" + "".join(f"{name:>20}" for name in report))
-    for attribute in toyworld.ATTRIBUTES:
+    for attribute in world.ATTRIBUTES:
         print(f"{attribute:<18}" + "".join(f"{scores[attribute]:>20.4f}" for scores in report.values()))
     worst = min(report["test"].values())
     if worst < 0.95:
@@ -117,7 +126,7 @@ def main(argv=None):
     # save
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     metadata = {"width": str(args.width), "steps": str(args.steps), "seed": str(args.seed),
-                "attributes": json.dumps({k: list(v) for k, v in toyworld.ATTRIBUTES.items()}),
+                "attributes": json.dumps({k: list(v) for k, v in world.ATTRIBUTES.items()}),
                 "accuracy": json.dumps(report)}
     save_safetensors(classifier.state_dict(), args.out, metadata)
     print(f"classifier saved to {args.out}")

@@ -283,7 +283,7 @@ def load_classifier(path, device="cpu"):
         meta = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}
     if json.loads(meta.get("attributes", "null")) != {k: list(v) for k, v in ATTRIBUTES.items()}:
-        raise UserError(f"{path} was trained on a different toy world; retrain it with train_classifier.py")
+        raise UserError(f"{path} was trained on a different toy world; retrain it with python toy/train_classifier.py")
     classifier = AttributeClassifier(int(meta["width"]))
     classifier.load_state_dict(state)
     return classifier.to(device).eval().requires_grad_(False)
