@@ -67,7 +67,9 @@ def parse_args(argv=None):
     method.add_argument("--class_word", action="store_true", help="put the class word after the token "
                         "('a <v> dog in the jungle'); off: 'a <v> in the jungle', as the ConceptPrism authors")
     sampling = p.add_argument_group("sampling")
-    sampling.add_argument("--n", type=int, default=4, help="images per prompt")
+    # torchrun reads an abbreviated "--n" as one of its own flags (--nnodes, --nproc_per_node...) and
+    # stops: under torchrun write --images_per_prompt.
+    sampling.add_argument("--n", "--images_per_prompt", dest="n", type=int, default=4, help="images per prompt")
     sampling.add_argument("--seed", type=int, default=42, help="stage seed; prompt NN samples from seed + NN")
     sampling.add_argument("--sample_steps", type=int, default=50, help="DDIM steps")
     sampling.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the "
@@ -203,7 +205,7 @@ def sample(args, run_dir, jobs, device):
         return
     device, _, dtype = run.device_and_dtype(device, None)
     target, _, meta = run.load_tokens(run_dir)
-    sd = model.load(meta.get("settings", {}).get("model") or args.model, device, dtype)
+    sd = model.load(args.model, device, dtype)  # the model stage 1 was given: the settings check ensures it
     resolution = meta.get("settings", {}).get("resolution") or sd.resolution
     sd.tokenizer.add_multi_vector_token(run.TARGET_TOKEN, len(target))
     if not args.no_stage2:
@@ -225,7 +227,7 @@ def contact_sheet(references, rows, path, columns):
     side = min(256, min(im.size[0] for row in rows for im in row) if rows else 256)
     cells = []
     for row in [references] + rows:
-        row = [torch.from_numpy(center_square(im, side)).permute(2, 0, 1).float() / 255 for im in row[:columns]]
+        row = [torch.from_numpy(center_square(im, side).copy()).permute(2, 0, 1).float() / 255 for im in row[:columns]]
         cells += row + [torch.ones(3, side, side)] * (columns - len(row))
     save_png(grid(torch.stack(cells), columns=columns), path)
 

@@ -238,7 +238,7 @@ def test_finished_stage_skipped_unfinished_resumed(tmp_path):
 
 def bench_args(bench, scoring_models, out, *extra):
     return ["--data", bench, "--out", str(out), "--clip", scoring_models[0], "--dino", scoring_models[1],
-            "--stage1", "--steps 2 --val_steps 0", "--stage2", "--steps 2", "--n", "2", "--prompts", "0,2",
+            "--stage1", "--steps 2 --val_steps 0", "--stage2", "--steps 2", "--images_per_prompt", "2", "--prompts", "0,2",
             "--sample_steps", "3", *extra]
 
 
@@ -248,8 +248,18 @@ def clean_env():
                                                                                 "OMP_NUM_THREADS": "1"}
 
 
+@pytest.fixture
+def one_thread():
+    """Two torch threads on two cores that other processes also use spin against each other (10x
+    slower steps measured here); the subprocess tests get OMP_NUM_THREADS=1 for the same reason."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
-def test_end_to_end_and_resume(bench, scoring_models, tmp_path, monkeypatch):
+def test_end_to_end_and_resume(bench, scoring_models, tmp_path, monkeypatch, one_thread):
     out = tmp_path / "out"
     helpers.run_main(dreambench.main, *bench_args(bench, scoring_models, out))
     results = json.loads((out / "results.json").read_text())
