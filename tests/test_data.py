@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from model.data import load_images, to_rgb
+from model.data import list_images, load_images, to_rgb
 from model.errors import UserError
 
 RES = 32
@@ -287,3 +287,14 @@ def test_bad_captions_json(two_images, tmp_path, content, message):
     with pytest.raises(UserError, match=message) as info:
         load_images(two_images, RES, path)
     assert "captions.json" in str(info.value)
+
+
+def test_list_images_checks_without_decoding(tmp_path):
+    """The folder and caption checks stage 1 runs before loading a model: a picture that would not
+    decode is not opened yet (load_images names it later)."""
+    save(tmp_path / "01.jpg", smooth_rgb(40, 40, 0))
+    (tmp_path / "02.jpg").write_text("not a picture")
+    paths, captions, warnings = list_images(tmp_path)
+    assert [p.name for p in paths] == ["01.jpg", "02.jpg"] and captions is None and warnings == []
+    with pytest.raises(UserError, match="does not exist"):
+        list_images(tmp_path / "nope")

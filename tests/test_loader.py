@@ -216,3 +216,22 @@ def test_sd15_single_file_loads_with_one_copy_of_the_weights(tmp_path):
     weight_bytes, peak = map(int, out.stdout.split())
     assert weight_bytes == 2 * (859_520_964 + 83_653_863 + 123_060_480)
     assert peak <= 1.3 * weight_bytes, (peak, weight_bytes)
+
+
+def test_weights_that_fit_no_layout_name_the_file(files, tmp_path):
+    """Shapes no SD1.x layout has fail with the file's name and what did not fit, not inside the UNet:
+    a channel count GroupNorm cannot split, and a UNet reading wider text than the encoder writes."""
+    tensors, metadata = read_safetensors(files["single"])
+    metadata = {k: v for k, v in metadata.items() if not k.endswith("_config")}  # the shapes decide the layout
+    odd = dict(tensors)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    odd[key] = torch.zeros(61, *tensors[key].shape[1:])
+    save_safetensors(odd, str(tmp_path / "odd.safetensors"), metadata)
+    with pytest.raises(UserError, match=r"odd\.safetensors: .*unet.*61"):
+        model.load(str(tmp_path / "odd.safetensors"))
+    wide = {k: torch.zeros(v.shape[0], 48) if ".attn2.to_k." in k or ".attn2.to_v." in k else v
+            for k, v in tensors.items()}
+    save_safetensors(wide, str(tmp_path / "wide.safetensors"), metadata)
+    with pytest.raises(UserError, match=r"wide\.safetensors: the UNet reads 48-wide text but the text encoder "
+                                        r"writes 32-wide"):
+        model.load(str(tmp_path / "wide.safetensors"))
