@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 
-import torch
 
 import model
 from model import lora, run

@@ -144,7 +144,8 @@ def test_sampling_again_keeps_every_earlier_result(trained, tmp_path, capsys):
     assert printed.strip().endswith(os.path.join(out, "samples", "001"))
     assert snapshot(os.path.join(out, "samples", "000")) == first  # untouched
     assert sorted(os.listdir(os.path.join(out, "samples"))) == ["000", "001"]  # no temporary folder left
-    expected = {"000": (["00: a photo of <v>", "01: <v> in the snow"], 3), "001": (["00: a photo of <v> on the beach"], 1)}
+    expected = {"000": (["00: a photo of <v>", "01: <v> in the snow"], 3),
+                "001": (["00: a photo of <v> on the beach"], 1)}
     for name, (prompts, n) in expected.items():  # each folder: exactly the pictures its prompts.txt lists
         folder = os.path.join(out, "samples", name)
         assert open(os.path.join(folder, "prompts.txt")).read().splitlines() == prompts
