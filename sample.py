@@ -28,7 +28,7 @@ from model.generate import generate, grid, progress_bar, save_png, to_pil
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=run.HelpFormatter)
     p.add_argument("--out", required=True, help="the run folder stage 1 (and stage 2) wrote")
     p.add_argument("--prompt", action="append", default=None, help="prompt with <v>; repeat for several "
                    "(default: the model's example scenes)")

@@ -33,7 +33,7 @@ from model.schedule import add_noise
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=run.HelpFormatter)
     io = p.add_argument_group("I/O")
     io.add_argument("--images", required=True, help="folder of 2-6 photos of one subject (NN.txt captions beside them)")
     io.add_argument("--captions", default=None, help="JSON file mapping image file names to captions")

@@ -30,7 +30,7 @@ from model.schedule import add_noise
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=run.HelpFormatter)
     io = p.add_argument_group("I/O")
     io.add_argument("--out", required=True, help="the run folder stage 1 wrote")
     io.add_argument("--images", default=None, help="reference photos (default: the folder stage 1 used)")

@@ -7,6 +7,7 @@ silently. A training stage holds run.lock while it writes, so two runs never int
 folder. paths.json is the run's only local file: where the photos and the model are on this
 machine; everything else in the folder can be shared as it is.
 """
+import argparse
 import contextlib
 import errno
 import fcntl
@@ -97,6 +98,17 @@ class StepBoundary:
         if self.pending:
             self.pending = False
             raise KeyboardInterrupt
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every default shown once: argparse's "(default: X)" is added unless the help
+    already names the default in words ("default: the model's") or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.required or action.default in (None, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
