@@ -16,6 +16,7 @@ import json
 import os
 import re
 import struct
+import dataclasses
 from dataclasses import asdict
 
 import torch
@@ -268,6 +269,8 @@ def _load_single_file(path, device, dtype):
                     cfg = clip.openclip_config_from_state_dict({k: _Shape(st.shape(full)) for k, full in keys.items()})
                 else:
                     cfg = module_lib.config_from_state_dict({k: _Shape(st.shape(full)) for k, full in keys.items()})
+                    if name == "unet" and openclip:  # SD 2's original code computes attention in fp32
+                        cfg = dataclasses.replace(cfg, upcast_attention=True)
                 if keys is openclip:  # SD 2 reads 23 of the tower's 24 blocks and not its projection
                     keys = {k: full for k, full in keys.items() if not clip.openclip_unused(k, cfg)}
                 tensors = {k: st.read(full, f, dtype, device) for k, full in keys.items()}
@@ -278,20 +281,22 @@ def _load_single_file(path, device, dtype):
                 raise UserError(f"{path}: the {name} weights fit no Stable Diffusion layout "
                                 f"({type(e).__name__}: {e})") from None
     _check_components_fit(path, models)
-    models["prediction_type"] = _single_file_prediction_type(st, path, models["unet"].config)
-    if "resolution" not in st.metadata and models["unet"].config.context_dim == 1024:
+    sd2 = models["text_encoder"].config.layout == "openclip"
+    models["prediction_type"] = _single_file_prediction_type(st, path, sd2)
+    if "resolution" not in st.metadata and sd2:
         models["resolution"] = _sd2_resolution(models["prediction_type"])
     return models
 
 
-def _single_file_prediction_type(st, path, unet_cfg):
+def _single_file_prediction_type(st, path, sd2):
     """What the UNet of a single file predicts, as far as the file says. Files we write say it in
-    their metadata. SD 1.x (768-wide context) predicts noise. An SD 2.x file says it only through a
-    `global_step` entry (what diffusers' single-file loader reads: SD 2 base's 875,000 steps mean
-    epsilon, any other v); without one it is None, unknown, and the user must say."""
+    their metadata. SD 1.x (OpenAI's CLIP text tower) predicts noise. An SD 2.x file (OpenCLIP's
+    tower) says it only through a `global_step` entry (what diffusers' single-file loader reads:
+    SD 2 base's 875,000 steps mean epsilon, any other v); without one it is None, unknown, and the
+    user must say."""
     if st.metadata.get("prediction_type"):
         return st.metadata["prediction_type"]
-    if unet_cfg.context_dim != 1024:
+    if not sd2:
         return "epsilon"
     if "global_step" not in st.keys():
         return None
@@ -363,11 +368,11 @@ def _load_diffusers_folder(path, device, dtype):
             shapes = COMPONENTS[name][1](cfg).state_dict()
         tensors = {k: _fit(v, shapes[k].shape) if k in shapes else v for k, v in tensors.items()}
         models[name] = _build(name, cfg, tensors)
-    models["prediction_type"] = _folder_prediction_type(path, models["unet"].config)
+    models["prediction_type"] = _folder_prediction_type(path, models["text_encoder"].config.layout == "openclip")
     return models
 
 
-def _folder_prediction_type(path, unet_cfg):
+def _folder_prediction_type(path, sd2):
     """scheduler/scheduler_config.json says what the UNet predicts (no prediction_type there:
     diffusers' default, epsilon). Without the file, SD 1.x is epsilon and SD 2.x unknown (None)."""
     config_path = os.path.join(path, "scheduler", "scheduler_config.json")
@@ -381,7 +386,7 @@ def _folder_prediction_type(path, unet_cfg):
             raise UserError(f"{config_path}: prediction_type {prediction_type!r} is not supported "
                             f"({', '.join(PREDICTION_TYPES)} are)")
         return prediction_type
-    return "epsilon" if unet_cfg.context_dim != 1024 else None
+    return None if sd2 else "epsilon"
 
 
 # ---------------------------------------------------------------------------------------------

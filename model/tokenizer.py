@@ -4,7 +4,8 @@ Gives the same ids as transformers' `CLIPTokenizer` (tests/test_tokenizer.py che
 NFC-normalised, whitespace runs become one space, everything is lowercased; CLIP's regex cuts it into
 words, single digits and punctuation runs; each piece is mapped to byte-level characters and merged
 by BPE, the last symbol of a word carrying the `</w>` suffix. A prompt becomes
-`<|startoftext|> first-75-tokens <|endoftext|>` padded with `<|endoftext|>` to 77 ids.
+`<|startoftext|> first-75-tokens <|endoftext|>` padded to 77 ids with `<|endoftext|>` (SD 1.x) or
+`!` (id 0: SD 2.x's tokenizer, whose padding the UNet reads as part of the context).
 
     tok = Tokenizer.from_clip_bpe()          # or Tokenizer.from_folder("sd15/tokenizer")
     new_ids = tok.add_tokens(["<v>", "<r0_0>"])   # [49408, 49409]
@@ -81,10 +82,13 @@ def write_vocab_files(folder, bpe_path=None):
 class Tokenizer:
     """Prompts -> int64 [B, 77] ids; `add_tokens` adds new single tokens after the 49,408."""
 
-    def __init__(self, vocab, merges, length=CONTEXT_LENGTH):
+    def __init__(self, vocab, merges, length=CONTEXT_LENGTH, pad=EOS):
         self.length = length
         self.max_prompt_tokens = length - 2  # room left by BOS and EOS
         self.bos_id, self.eos_id = vocab[BOS], vocab[EOS]
+        if pad not in vocab:
+            raise UserError(f"the padding token {pad!r} is not in the vocabulary")
+        self.pad_token, self.pad_id = pad, vocab[pad]
         bpe = BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=EOS)
         tok = RustTokenizer(bpe)
         tok.normalizer = normalizers.Sequence(
@@ -100,17 +104,23 @@ class Tokenizer:
         # one id, as in transformers.
         tok.add_special_tokens([AddedToken(BOS, special=True, normalized=False),
                                 AddedToken(EOS, special=True, normalized=False)])
+        if pad not in (BOS, EOS):
+            # transformers makes the padding token special too: SD 2's tokenizer reads every "!" in a
+            # prompt as the padding id 0, not as BPE's "!</w>" (256), and the UNet sees that id.
+            tok.add_special_tokens([AddedToken(pad, special=True, normalized=False)])
         self.backend = tok
         self.vectors = {}  # multi-vector tokens: "<v>" -> "<v> <v>_1 <v>_2" wherever a prompt says "<v>"
 
     @classmethod
-    def from_clip_bpe(cls, path=None):
-        """SD1.5's tokenizer from OpenAI's BPE file (the `openai-clip` package's, or `path`)."""
-        return cls(*clip_bpe_vocab(path))
+    def from_clip_bpe(cls, path=None, pad=EOS):
+        """SD1.5's tokenizer from OpenAI's BPE file (the `openai-clip` package's, or `path`); SD 2's
+        with pad="!"."""
+        return cls(*clip_bpe_vocab(path), pad=pad)
 
     @classmethod
     def from_folder(cls, folder):
-        """A diffusers `tokenizer/` folder: `vocab.json` + `merges.txt` (other files are ignored)."""
+        """A diffusers `tokenizer/` folder: `vocab.json` + `merges.txt`, and the padding token named
+        by `special_tokens_map.json` or `tokenizer_config.json` (SD 2's say "!"; none: EOS)."""
         vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
         for path in (vocab_path, merges_path):
             if not os.path.isfile(path):
@@ -121,7 +131,7 @@ class Tokenizer:
             merges = [tuple(line.split(" ")) for line in f.read().split("\n") if line and not line.startswith("#version")]
         if BOS not in vocab or EOS not in vocab:
             raise UserError(f"{vocab_path} lacks {BOS} or {EOS}: it is not a CLIP vocabulary")
-        return cls(vocab, merges)
+        return cls(vocab, merges, pad=_pad_token(folder) or EOS)
 
     @property
     def vocab_size(self):
@@ -174,12 +184,28 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=True).replace("</w>", " ").strip()
 
     def __call__(self, texts):
-        """A prompt or list of prompts -> int64 [B, 77]: BOS, the first 75 tokens, EOS, then EOS as padding."""
+        """A prompt or list of prompts -> int64 [B, 77]: BOS, the first 75 tokens, EOS, then padding."""
         if isinstance(texts, str):
             texts = [texts]
-        out = torch.full((len(texts), self.length), self.eos_id, dtype=torch.int64)
+        out = torch.full((len(texts), self.length), self.pad_id, dtype=torch.int64)
         texts = [self.expand(t) for t in texts]
         for row, encoding in enumerate(self.backend.encode_batch(texts, add_special_tokens=False)):
             ids = [self.bos_id] + encoding.ids[:self.max_prompt_tokens] + [self.eos_id]
             out[row, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
         return out
+
+
+def _pad_token(folder):
+    """The padding token a transformers tokenizer folder names, or None."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    pad = json.load(f).get("pad_token")
+            except (OSError, ValueError, AttributeError):
+                raise UserError(f"{path} cannot be read as JSON") from None
+            pad = pad.get("content") if isinstance(pad, dict) else pad
+            if pad:
+                return pad
+    return None

@@ -32,6 +32,7 @@ class UNetConfig:
     context_dim: int = 768
     linear_proj: bool = False  # proj_in/proj_out: 1x1 convs in SD1.5, Linear in SD2.x
     norm_groups: int = 32
+    upcast_attention: bool = False  # attention in fp32 under fp16/bf16 weights (SD 2.x: see Attention)
 
 
 TINY = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
@@ -64,11 +65,15 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention; self-attention when no context is given."""
+    """Multi-head attention; self-attention when no context is given.
 
-    def __init__(self, dim, heads, context_dim=None):
+    upcast: the attention itself runs in fp32 when the weights are fp16/bf16. SD 2's 768-v model
+    overflows fp16 attention scores (64-wide heads at 96x96 latents), which is why its original code
+    computes them in fp32 and its diffusers config says `upcast_attention`. In fp32 it changes nothing."""
+
+    def __init__(self, dim, heads, context_dim=None, upcast=False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.upcast = heads, upcast
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
@@ -79,7 +84,10 @@ class Attention(nn.Module):
         # [B, L, H*D] -> [B, H, L, D]; with an index, k and v have one row per condition.
         q, k, v = (p(s).unflatten(-1, (self.heads, -1)).transpose(1, 2)
                    for p, s in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
-        out = ops.attention(q, k, v, kv_index=context_index)
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            out = ops.attention(q.float(), k.float(), v.float(), kv_index=context_index).to(q.dtype)
+        else:
+            out = ops.attention(q, k, v, kv_index=context_index)
         return self.to_out[0](out.transpose(1, 2).flatten(2))
 
 
@@ -95,10 +103,10 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, dim, heads, context_dim):
+    def __init__(self, dim, heads, context_dim, upcast=False):
         super().__init__()
-        self.attn1 = Attention(dim, heads)
-        self.attn2 = Attention(dim, heads, context_dim)
+        self.attn1 = Attention(dim, heads, upcast=upcast)
+        self.attn2 = Attention(dim, heads, context_dim, upcast=upcast)
         self.ff = FeedForward(dim)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
@@ -109,11 +117,11 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, ch, heads, context_dim, groups, linear_proj):
+    def __init__(self, ch, heads, context_dim, groups, linear_proj, upcast=False):
         super().__init__()
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
         self.proj_in = nn.Linear(ch, ch) if linear_proj else nn.Conv2d(ch, ch, 1)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(ch, heads, context_dim)])
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(ch, heads, context_dim, upcast)])
         self.proj_out = nn.Linear(ch, ch) if linear_proj else nn.Conv2d(ch, ch, 1)
         self.linear_proj = linear_proj
 
@@ -176,7 +184,8 @@ class UNet(nn.Module):
         self.time_embed = nn.ModuleList([nn.Linear(ch0, temb_dim), nn.Identity(), nn.Linear(temb_dim, temb_dim)])
 
         def transformer(ch, level):
-            return SpatialTransformer(ch, cfg.num_heads[level], cfg.context_dim, groups, cfg.linear_proj)
+            return SpatialTransformer(ch, cfg.num_heads[level], cfg.context_dim, groups, cfg.linear_proj,
+                                      cfg.upcast_attention)
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)])])
         skip_channels, ch = [ch0], ch0
@@ -246,12 +255,15 @@ def config_from_diffusers(d):
         num_res_blocks=d.get("layers_per_block", 2),
         attention_levels=tuple(i for i, b in enumerate(d["down_block_types"]) if b.startswith("CrossAttn")),
         num_heads=heads, context_dim=d.get("cross_attention_dim", 768),
-        linear_proj=bool(d.get("use_linear_projection", False)), norm_groups=d.get("norm_num_groups", 32))
+        linear_proj=bool(d.get("use_linear_projection", False)), norm_groups=d.get("norm_num_groups", 32),
+        upcast_attention=bool(d.get("upcast_attention", False)))
 
 
 def config_from_state_dict(state_dict):
     """UNetConfig from original-layout keys and shapes. Head counts are not in the weights: SD1.5
-    uses 8 heads everywhere, SD2.x (context 1024) uses 64-channel heads."""
+    uses 8 heads everywhere, SD2.x (context 1024) uses 64-channel heads. SD2.x's attention is
+    upcast: its original code computes attention scores in fp32 for every SD 2 model, and diffusers'
+    single-file loader configures such a file as SD 2.1 (upcast_attention true)."""
     ch0 = state_dict["input_blocks.0.0.weight"].shape[0]
     res_outs = {}  # input block number -> ResBlock output channels
     attn_blocks = set()
@@ -274,7 +286,7 @@ def config_from_state_dict(state_dict):
         in_channels=state_dict["input_blocks.0.0.weight"].shape[1], out_channels=state_dict["out.2.weight"].shape[0],
         model_channels=ch0, channel_mult=mult, num_res_blocks=num_res_blocks,
         attention_levels=tuple(lv for lv in range(levels) if block(lv, 0) in attn_blocks),
-        num_heads=heads, context_dim=context_dim, linear_proj=linear)
+        num_heads=heads, context_dim=context_dim, linear_proj=linear, upcast_attention=context_dim == 1024)
 
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",

@@ -23,10 +23,11 @@ def random_text_model(layout):
 
 
 def ours_from(t, cfg):
-    """Our encoder sharing t's tensors (no copy), through the name map."""
+    """Our encoder sharing t's tensors (no copy, but SD 2's fused q/k/v), through the name map: the
+    OpenAI tower for quick_gelu, SD 2's OpenCLIP tower for gelu."""
     with torch.device("meta"):
-        ours = C.CLIPTextEncoder(cfg)
-    ours.load_state_dict({C.diffusers_name(k, cfg): v for k, v in t.state_dict().items()}, assign=True)
+        ours = C.build(cfg)
+    ours.load_state_dict(C.from_transformers(t.state_dict(), cfg), assign=True)
     return ours.eval()
 
 
@@ -47,8 +48,9 @@ def test_tiny_parity(eos_token_id, act):
     torch.manual_seed(0)
     t = random_text_model(dict(TINY_TRANSFORMERS, eos_token_id=eos_token_id, hidden_act=act))
     cfg = C.config_from_diffusers(t.config.to_dict())
-    assert cfg == replace(C.TINY, act=act)
+    assert cfg == replace(C.TINY, act=act, layout="openclip" if act == "gelu" else "openai")
     ours = ours_from(t, cfg)
+    assert isinstance(ours, C.OpenCLIPTextEncoder if act == "gelu" else C.CLIPTextEncoder)
     ids = prompt_ids([3, 20, 75, 1])
     with torch.no_grad():
         ref = t(ids, output_hidden_states=True)
@@ -62,10 +64,11 @@ def test_tiny_parity(eos_token_id, act):
         assert rel_err(ours(ids[:, :10]), t(ids[:, :10]).last_hidden_state) <= 1e-5
 
 
-def test_added_tokens_match_a_resized_table_and_only_they_get_gradients():
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"], ids=["sd15", "sd2_openclip"])
+def test_added_tokens_match_a_resized_table_and_only_they_get_gradients(act):
     torch.manual_seed(0)
-    t = random_text_model(TINY_TRANSFORMERS)
-    ours = ours_from(t, C.TINY).requires_grad_(False)
+    t = random_text_model(dict(TINY_TRANSFORMERS, hidden_act=act))
+    ours = ours_from(t, C.config_from_diffusers(t.config.to_dict())).requires_grad_(False)
     n = C.TINY.vocab_size
     extra = torch.randn(3, C.TINY.width, requires_grad=True)
     ids = prompt_ids([5, 8], extra=(n, n + 2))  # row 1 of extra is unused

@@ -101,6 +101,28 @@ def test_matches_transformers(files):
     assert sum(c > 75 for c in counts) >= 100 and min(counts) == 0
 
 
+def test_sd2_tokenizer_matches_diffusers(files, tmp_path):
+    """SD 2's tokenizer: the same BPE, padded with "!" (id 0), which transformers also makes a special
+    token (a "!" in the prompt becomes id 0). From the BPE file, and from a folder as SD 2's is saved
+    (its special_tokens_map.json names the padding), against transformers' CLIPTokenizer so built."""
+    texts = prompts()
+    ref = CLIPTokenizer(os.path.join(files, "vocab.json"), os.path.join(files, "merges.txt"), pad_token="!")
+    # tokenizer_config.json as transformers writes it, beside the vocabulary files hub folders carry
+    for name, tok in (("sd2_tokenizer", ref), ("sd1_tokenizer", reference(files))):
+        tok.save_pretrained(str(tmp_path / name))
+        write_vocab_files(str(tmp_path / name))
+    theirs = reference_ids(ref, texts)
+    assert (theirs == 0).sum() > 40_000 and any("!" in t for t in texts)
+    for tok in (Tokenizer.from_clip_bpe(pad="!"), Tokenizer.from_folder(str(tmp_path / "sd2_tokenizer"))):
+        assert tok.pad_id == 0
+        ours = tok(texts)
+        for i, text in enumerate(texts):
+            assert torch.equal(ours[i], theirs[i]), repr(text)
+        assert [tok.count(t) for t in texts] == [len(ref(t, add_special_tokens=False).input_ids) for t in texts]
+    # SD 1's folder (padding named <|endoftext|>) still pads with the end token.
+    assert Tokenizer.from_folder(str(tmp_path / "sd1_tokenizer")).pad_id == 49407
+
+
 def test_truncation():
     tok = Tokenizer.from_clip_bpe()
     text = " ".join(f"word{i}" for i in range(60))  # each word is several tokens
