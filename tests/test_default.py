@@ -2,6 +2,8 @@
 (shortened) with no --model, textual-inversion mode, the tiny model following prompts, and ToyBench."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ import stage1_tokens
 import stage2_lora
 from model import run
 from model.generate import generate
-from tests.helpers import run_main
+from tests.helpers import assert_one_line_error, run_main
 from toy import toybench, world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,9 +77,9 @@ def test_main_command_runs_on_the_default_model(tmp_path, monkeypatch):
     vectors = int(argv[argv.index("--target_vectors") + 1]) if "--target_vectors" in argv else 1
     assert target.shape == (vectors, width) and residual.shape == (4, 8, width)
     assert meta["settings"]["model"] == run.DEFAULT_MODEL_NAME  # shared metadata names no local path
-    for name in ("stage1_grid.png", "stage2_grid.png", "lora.peft.safetensors", "samples/grid.png"):
+    for name in ("stage1_grid.png", "stage2_grid.png", "lora.peft.safetensors", "samples/000/grid.png"):
         assert os.path.exists(os.path.join(out, name)), name
-    assert Image.open(os.path.join(out, "samples", "grid.png")).size == (64, 4 * 64)  # the model's 4 prompts
+    assert Image.open(os.path.join(out, "samples", "000", "grid.png")).size == (64, 4 * 64)  # the model's 4 prompts
 
 
 def test_textual_inversion_mode(tmp_path):
@@ -125,6 +127,22 @@ def test_toybench_smoke_and_resume(tmp_path):
     assert Image.open(tmp_path / "grid.png").size == (4 * 64, (1 + len(toybench.METHODS)) * 64)
     toybench.main(argv)  # everything finished is reused, nothing is added twice
     assert len(open(tmp_path / "results.jsonl").readlines()) == len(results)
+
+
+@pytest.mark.slow
+def test_toy_scripts_run_from_the_repository_root():
+    """Typed as the README has them (python toy/toybench.py), with nothing on PYTHONPATH: the scripts
+    find `model` and the `toy` package themselves, and a refusal is one line."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def run_script(name, *args):
+        return subprocess.run([sys.executable, os.path.join("toy", name), *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+
+    for name in ("toybench.py", "pretrain_tiny.py", "train_classifier.py"):
+        out = run_script(name, "--help")
+        assert out.returncode == 0 and "(default:" in out.stdout, out.stderr
+    assert_one_line_error(run_script("toybench.py", "--concepts", "9"), "--concepts")
 
 
 def test_toybench_refuses_bad_settings(tmp_path):
