@@ -72,8 +72,9 @@ VAE_IMAGES, VAE_NOISE, POOL_IMAGES, SCALE_NOISE, UNET_NOISE, CHECK_IMAGES, PROMP
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=model.DEFAULT_MODEL, help="the fp16 model file (card: same name, .md)")
+                                formatter_class=run.HelpFormatter)
+    p.add_argument("--out", default=model.DEFAULT_MODEL, help="the fp16 model file, card beside it with the same "
+                   "name in .md (default: the embedded model, toy/tiny/tiny_sd.safetensors)")
     p.add_argument("--work", default="runs/pretrain_tiny", help="checkpoints, logs and sample grids")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the world images and the noise")
     p.add_argument("--vae_steps", type=int, default=2500, help="phase 1 steps (fresh world images every step)")
@@ -96,7 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance of the sample grid, "
                    "saved as the model's default")
     p.add_argument("--classifier", default=os.path.join(model.TINY_DIR, "classifier.safetensors"),
-                   help="attribute classifier for the card's prompt-following score (skipped if missing)")
+                   help="attribute classifier for the card's prompt-following score, skipped if missing "
+                   "(default: toy/tiny/classifier.safetensors)")
     p.add_argument("--eval_prompts", type=int, default=200, help="generated images the classifier scores")
     p.add_argument("--device", default=None, help="default cuda when available")
     args = p.parse_args(argv)

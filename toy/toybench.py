@@ -61,16 +61,17 @@ MEASURES = ("fidelity", *CONCEPT_PARTS, "alignment", "leak bg", "leak pos")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=run.HelpFormatter)
     p.add_argument("--out", default="runs/toybench", help="runs, results.jsonl, table.md and grid.png")
-    p.add_argument("--model", default=model.DEFAULT_MODEL, help="a toy-world model (the embedded one)")
+    p.add_argument("--model", default=model.DEFAULT_MODEL, help="a toy-world model (default: the embedded one)")
     p.add_argument("--classifier", default=os.path.join(model.TINY_DIR, "classifier.safetensors"),
-                   help="the attribute classifier toy/train_classifier.py wrote")
+                   help="the attribute classifier toy/train_classifier.py wrote "
+                   "(default: the shipped one, toy/tiny/classifier.safetensors)")
     p.add_argument("--concepts", type=int, default=3, help="how many of the held-out concepts (at most 5)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per concept: reference photos, training, sampling")
     p.add_argument("--images", type=int, default=4, help="reference photos per concept")
     p.add_argument("--steps", type=int, default=400, help="stage-1 steps (the README's first command's)")
-    p.add_argument("--lr", type=float, default=None, help="stage-1 learning rate (None: stage 1's)")
+    p.add_argument("--lr", type=float, default=None, help="stage-1 learning rate (default: stage 1's)")
     p.add_argument("--target_vectors", type=int, default=3, help="vectors <v> stands for (the README's first "
                    "command's: one per attribute the toy model's words name)")
     p.add_argument("--stage2_steps", type=int, default=120, help="stage-2 steps")

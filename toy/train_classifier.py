@@ -36,9 +36,10 @@ TRAIN, TEST, CONCEPTS = 0, 1, 2
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=run.HelpFormatter)
     p.add_argument("--out", default=os.path.join(model.TINY_DIR, "classifier.safetensors"),
-                   help="where to write the classifier (the default is where toybench.py reads it)")
+                   help="where to write the classifier (default: toy/tiny/classifier.safetensors, where "
+                   "toybench.py reads it)")
     p.add_argument("--steps", type=int, default=3000, help="training steps (fresh images every step)")
     p.add_argument("--batch", type=int, default=64, help="images per step")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (cosine decay)")
