@@ -15,7 +15,6 @@ gradient rows and once, without a graph, on the stop rows. Without DDLoss rows p
 import argparse
 import json
 import os
-import time
 
 import torch
 from tqdm import tqdm
@@ -26,6 +25,7 @@ from model import conditions, run
 from model.data import NEUTRAL_CAPTION, list_images, load_images
 from model.generate import generate, grid, progress_bar, save_png
 from model.schedule import add_noise
+from model.training import Training
 
 
 # -------------------------------------------------------------------------------------------------
@@ -180,84 +180,46 @@ def main(argv=None):
     settings.update(beta=beta, resolution=resolution, precision=precision, device=device,
                     model=run.model_name(args.model, model.DEFAULT_MODEL))
 
-    with run.claim_out(args.out, "stage1", args.resume, args.overwrite) as checkpoint_path:
+    with Training(args.out, "stage1", params, optimizer, scaler, generator, args.steps, args.save_every, args.resume,
+                  args.overwrite, meta={"settings": json.dumps(settings)}) as training:
         run.save_paths(args.out, images=args.images, model=args.model)
-        start = 0
-        if args.resume:
-            start, _ = run.load_checkpoint(checkpoint_path, params, optimizer, generator)
-            print(f"resuming at step {start}")
-        log = run.Log(os.path.join(args.out, "stage1_log.jsonl"), resume_step=start if args.resume else None)
-        # What an interrupted run saves: the state after the last finished step.
-        finished, rng_finished = start, generator.get_state()
-        boundary = run.StepBoundary()
-        with boundary:
-            try:
-                # -------------------------------------------------------------------------------------
-                # train
-                bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="stage 1",
-                           dynamic_ncols=True)
-                for step in bar:
-                    t0 = time.perf_counter()
-                    rng_before = generator.get_state()  # a checkpoint taken inside this step must replay it
-                    i, anchors, t, noise = random_choices(generator, n, n_anchors, latents.shape[1:],
-                                                          len(alphas_cumprod))
-                    t, noise = t.to(device), noise.to(device, dtype)
-                    # the four conditions of photo i (and PDLoss's prompt), then the UNet rows that read them
-                    ids = torch.cat([ids_pg[i:i + 1], ids_p, ids_g[i:i + 1]] + ([ids_pd] if args.pd_weight > 0 else []))
-                    hidden = encoder(ids, extra_embeddings=extra_embeddings())
-                    table = torch.cat([hidden[:3], empty]).to(dtype)  # as conditions.STAGE1
-                    x_i = add_noise(latents[i:i + 1], t[:1], noise[:1], alphas_cumprod)
-                    x_anchors = add_noise(latents[anchors], t[1:], noise[1:], alphas_cumprod)
-                    eps = conditions.predict(sd.unet, table, conditions.stage1_rows(x_i, t[:1], x_anchors, t[1:],
-                                                                                    with_dd))
-                    pd_features = None
-                    if args.pd_weight > 0:
-                        pd_features = (encoder.pooled_from_hidden(hidden[3:], ids[3:]).float(), f_s, f_g)
-                    terms = accord_losses.loss_terms(eps, noise[:1], t[:1], alphas_cumprod, args.dd_space,
-                                                     pd_features)
-                    loss = accord_losses.total(terms, weights)
-                    if not torch.isfinite(loss):
-                        generator.set_state(rng_before)
-                        run.save_checkpoint(checkpoint_path, params, optimizer, generator, step,
-                                            {"settings": json.dumps(settings)})
-                        raise model.UserError(f"the loss became {loss.item()} at step {step}; the last good state "
-                                              f"(before step {step}) is saved, try a lower --lr and --resume")
-                    with boundary.deferred():  # a Ctrl-C from here on waits until the step is recorded
-                        run.optimizer_step(loss, optimizer, scaler, list(params.values()))
-                        values = {name: round(value.item(), 6) for name, value in terms.items()}
-                        if device.startswith("cuda"):
-                            torch.cuda.synchronize()
-                        ms = (time.perf_counter() - t0) * 1000
-                        log.write({"step": step + 1, "loss": round(loss.item(), 6), **values, "ms": round(ms, 2)})
-                        bar.set_postfix({**{k: f"{v:.4f}" for k, v in values.items()}, "ms/step": f"{ms:.0f}"})
-                        finished, rng_finished = step + 1, generator.get_state()
-                        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-                            run.save_checkpoint(checkpoint_path, params, optimizer, generator, step + 1,
-                                                {"settings": json.dumps(settings)})
-                bar.close()
 
-                # -------------------------------------------------------------------------------------
-                # save
-                run.save_tokens(args.out, target, residual, {
-                    "format": "conceptprism-tokens-v1", "target_token": run.TARGET_TOKEN,
-                    "target_vectors": args.target_vectors, "images": refs.names, "captions": captions,
-                    "residuals_per_image": args.residuals, "steps": args.steps, "settings": settings})
-                run.save_checkpoint(checkpoint_path, params, optimizer, generator, args.steps,
-                                    {"settings": json.dumps(settings)})
-                if args.val_steps > 0:
-                    with progress_bar("validation grid") as progress:
-                        images = generate(sd, sd.prompts, extra_embeddings().detach(), seed=args.seed,
-                                          steps=args.val_steps, guidance=sd.guidance, resolution=resolution,
-                                          progress=progress)
-                    save_png(grid(images, columns=len(sd.prompts)), os.path.join(args.out, "stage1_grid.png"))
-            except KeyboardInterrupt:
-                boundary.hold()  # a second Ctrl-C must not cut this save short
-                generator.set_state(rng_finished)
-                run.save_checkpoint(checkpoint_path, params, optimizer, generator, finished,
-                                    {"settings": json.dumps(settings)})
-                raise run.Interrupted(f"stage 1 stopped after step {finished} of {args.steps}; that state is saved "
-                                      f"in {checkpoint_path}: continue with --resume") from None
-        run.mark_done(args.out, "stage1")
+        # -----------------------------------------------------------------------------------------
+        # train
+        bar = tqdm(range(training.start, args.steps), initial=training.start, total=args.steps, desc="stage 1",
+                   dynamic_ncols=True)
+        for step in bar:
+            rng_before, t0 = training.begin_step()
+            i, anchors, t, noise = random_choices(generator, n, n_anchors, latents.shape[1:], len(alphas_cumprod))
+            t, noise = t.to(device), noise.to(device, dtype)
+            # the four conditions of photo i (and PDLoss's prompt), then the UNet rows that read them
+            ids = torch.cat([ids_pg[i:i + 1], ids_p, ids_g[i:i + 1]] + ([ids_pd] if args.pd_weight > 0 else []))
+            hidden = encoder(ids, extra_embeddings=extra_embeddings())
+            table = torch.cat([hidden[:3], empty]).to(dtype)  # as conditions.STAGE1
+            x_i = add_noise(latents[i:i + 1], t[:1], noise[:1], alphas_cumprod)
+            x_anchors = add_noise(latents[anchors], t[1:], noise[1:], alphas_cumprod)
+            eps = conditions.predict(sd.unet, table, conditions.stage1_rows(x_i, t[:1], x_anchors, t[1:], with_dd))
+            pd_features = None
+            if args.pd_weight > 0:
+                pd_features = (encoder.pooled_from_hidden(hidden[3:], ids[3:]).float(), f_s, f_g)
+            terms = accord_losses.loss_terms(eps, noise[:1], t[:1], alphas_cumprod, args.dd_space, pd_features)
+            loss = accord_losses.total(terms, weights)
+            values, ms = training.record(step, loss, terms, rng_before, t0)
+            bar.set_postfix({**{k: f"{v:.4f}" for k, v in values.items()}, "ms/step": f"{ms:.0f}"})
+        bar.close()
+
+        # -----------------------------------------------------------------------------------------
+        # save
+        run.save_tokens(args.out, target, residual, {
+            "format": "conceptprism-tokens-v1", "target_token": run.TARGET_TOKEN, "target_vectors": args.target_vectors,
+            "images": refs.names, "captions": captions, "residuals_per_image": args.residuals, "steps": args.steps,
+            "settings": settings})
+        training.save(args.steps)
+        if args.val_steps > 0:
+            with progress_bar("validation grid") as progress:
+                images = generate(sd, sd.prompts, extra_embeddings().detach(), seed=args.seed, steps=args.val_steps,
+                                  guidance=sd.guidance, resolution=resolution, progress=progress)
+            save_png(grid(images, columns=len(sd.prompts)), os.path.join(args.out, "stage1_grid.png"))
     print(f"stage 1 done: {args.out}/{run.TOKENS_FILE} (target token <v> also in v.diffusers.safetensors "
           "and v.a1111.safetensors)")
 

@@ -12,7 +12,6 @@ Writes the LoRA in the diffusers/PEFT layout (lora.peft.safetensors) and the koh
 import argparse
 import json
 import os
-import time
 
 import torch
 from tqdm import tqdm
@@ -23,6 +22,7 @@ from model import conditions, lora, run
 from model.data import list_images, load_images
 from model.generate import generate, grid, progress_bar, save_png
 from model.schedule import add_noise
+from model.training import Training
 
 
 # -------------------------------------------------------------------------------------------------
@@ -111,67 +111,39 @@ def main(argv=None):
     settings.update(resolution=resolution, precision=precision, device=device,
                     model=run.model_name(model_path, model.DEFAULT_MODEL))  # no local path in shared files
 
-    with run.claim_out(args.out, "stage2", args.resume, args.overwrite) as checkpoint_path:
+    with Training(args.out, "stage2", params, optimizer, scaler, generator, args.steps, args.save_every, args.resume,
+                  args.overwrite) as training:
         run.save_paths(args.out, images=images, model=model_path)
-        start = 0
-        if args.resume:
-            start, _ = run.load_checkpoint(checkpoint_path, params, optimizer, generator)
-            print(f"resuming at step {start}")
-        log = run.Log(os.path.join(args.out, "stage2_log.jsonl"), resume_step=start if args.resume else None)
-        # What an interrupted run saves: the state after the last finished step.
-        finished, rng_finished = start, generator.get_state()
-        boundary = run.StepBoundary()
-        with boundary:
-            try:
-                # -------------------------------------------------------------------------------------
-                # train
-                bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="stage 2",
-                           dynamic_ncols=True)
-                for step in bar:
-                    t0 = time.perf_counter()
-                    rng_before = generator.get_state()  # a checkpoint taken inside this step must replay it
-                    i = torch.randint(n, (args.batch,), generator=generator)
-                    t = torch.randint(0, len(alphas_cumprod), (args.batch,), generator=generator)
-                    noise = torch.randn(args.batch, *latents.shape[1:], generator=generator).to(device, dtype)
-                    i, t = i.to(device), t.to(device)
-                    x = add_noise(latents[i], t, noise, alphas_cumprod)
-                    eps = conditions.predict(sd.unet, table, conditions.stage2_rows(x, t, i, n, with_dd))
-                    terms = accord_losses.loss_terms(eps, noise, t, alphas_cumprod, args.dd_space)
-                    loss = accord_losses.total(terms, {"dd": args.dd_weight})
-                    if not torch.isfinite(loss):
-                        generator.set_state(rng_before)
-                        run.save_checkpoint(checkpoint_path, params, optimizer, generator, step)
-                        raise model.UserError(f"the loss became {loss.item()} at step {step}; the last good state is "
-                                              "saved, try a lower --lr and --resume")
-                    with boundary.deferred():  # a Ctrl-C from here on waits until the step is recorded
-                        run.optimizer_step(loss, optimizer, scaler, list(params.values()))
-                        values = {name: round(value.item(), 6) for name, value in terms.items()}
-                        ms = (time.perf_counter() - t0) * 1000
-                        log.write({"step": step + 1, "loss": round(loss.item(), 6), **values, "ms": round(ms, 2)})
-                        bar.set_postfix({**{k: f"{v:.4f}" for k, v in values.items()}, "ms/step": f"{ms:.0f}"})
-                        finished, rng_finished = step + 1, generator.get_state()
-                        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-                            run.save_checkpoint(checkpoint_path, params, optimizer, generator, step + 1)
-                bar.close()
 
-                # -------------------------------------------------------------------------------------
-                # save
-                lora_meta = {"rank": str(args.rank), "alpha": str(args.alpha), "settings": json.dumps(settings)}
-                lora.save_lora(sd.unet, os.path.join(args.out, "lora.peft.safetensors"), "peft", lora_meta)
-                lora.save_lora(sd.unet, os.path.join(args.out, "lora.kohya.safetensors"), "kohya", lora_meta)
-                run.save_checkpoint(checkpoint_path, params, optimizer, generator, args.steps)
-                if args.val_steps > 0:
-                    with progress_bar("validation grid") as progress:
-                        pictures = generate(sd, sd.prompts, extra, seed=args.seed, steps=args.val_steps,
-                                            guidance=sd.guidance, resolution=resolution, progress=progress)
-                    save_png(grid(pictures, columns=len(sd.prompts)), os.path.join(args.out, "stage2_grid.png"))
-            except KeyboardInterrupt:
-                boundary.hold()  # a second Ctrl-C must not cut this save short
-                generator.set_state(rng_finished)
-                run.save_checkpoint(checkpoint_path, params, optimizer, generator, finished)
-                raise run.Interrupted(f"stage 2 stopped after step {finished} of {args.steps}; that state is saved "
-                                      f"in {checkpoint_path}: continue with --resume") from None
-        run.mark_done(args.out, "stage2")
+        # -----------------------------------------------------------------------------------------
+        # train
+        bar = tqdm(range(training.start, args.steps), initial=training.start, total=args.steps, desc="stage 2",
+                   dynamic_ncols=True)
+        for step in bar:
+            rng_before, t0 = training.begin_step()
+            i = torch.randint(n, (args.batch,), generator=generator)
+            t = torch.randint(0, len(alphas_cumprod), (args.batch,), generator=generator)
+            noise = torch.randn(args.batch, *latents.shape[1:], generator=generator).to(device, dtype)
+            i, t = i.to(device), t.to(device)
+            x = add_noise(latents[i], t, noise, alphas_cumprod)
+            eps = conditions.predict(sd.unet, table, conditions.stage2_rows(x, t, i, n, with_dd))
+            terms = accord_losses.loss_terms(eps, noise, t, alphas_cumprod, args.dd_space)
+            loss = accord_losses.total(terms, {"dd": args.dd_weight})
+            values, ms = training.record(step, loss, terms, rng_before, t0)
+            bar.set_postfix({**{k: f"{v:.4f}" for k, v in values.items()}, "ms/step": f"{ms:.0f}"})
+        bar.close()
+
+        # -----------------------------------------------------------------------------------------
+        # save
+        lora_meta = {"rank": str(args.rank), "alpha": str(args.alpha), "settings": json.dumps(settings)}
+        lora.save_lora(sd.unet, os.path.join(args.out, "lora.peft.safetensors"), "peft", lora_meta)
+        lora.save_lora(sd.unet, os.path.join(args.out, "lora.kohya.safetensors"), "kohya", lora_meta)
+        training.save(args.steps)
+        if args.val_steps > 0:
+            with progress_bar("validation grid") as progress:
+                pictures = generate(sd, sd.prompts, extra, seed=args.seed, steps=args.val_steps,
+                                    guidance=sd.guidance, resolution=resolution, progress=progress)
+            save_png(grid(pictures, columns=len(sd.prompts)), os.path.join(args.out, "stage2_grid.png"))
     print(f"stage 2 done: {args.out}/lora.peft.safetensors and lora.kohya.safetensors")
 
 
