@@ -1,5 +1,4 @@
 """model.load: both checkpoint layouts, a hub cache, dtypes, and every way a path can be wrong."""
-import json
 import os
 import shutil
 import subprocess

@@ -16,20 +16,9 @@ import sample
 import stage1_tokens
 import stage2_lora
 from model import lora, run
-from tests import helpers
 from tests.helpers import assert_one_line_error, photo_folder, random_photo, rel_err, run_main, script
 
-RESOLUTION = 32
-
-
-@pytest.fixture(scope="module")
-def tiny_model(pipe, tmp_path_factory):
-    """The tiny pipeline's weights as one of our single files (configs in its metadata)."""
-    root = tmp_path_factory.mktemp("model")
-    sd = model.load(helpers.write_diffusers_folder(pipe, str(root / "diffusers")))
-    path = str(root / "tiny.safetensors")
-    model.save(sd, path, resolution=RESOLUTION)
-    return path
+RESOLUTION = 32  # the tiny_model fixture's (conftest.py)
 
 
 @pytest.fixture(scope="module")

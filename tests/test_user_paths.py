@@ -22,20 +22,8 @@ import stage1_tokens
 import stage2_lora
 from model import run
 from model.loader import current_umask, read_safetensors, save_safetensors
-from tests import helpers
 from tests.helpers import ROOT, assert_one_line_error, photo_folder, run_main, script
 
-RESOLUTION = 32
-
-
-@pytest.fixture(scope="module")
-def tiny_model(pipe, tmp_path_factory):
-    """The tiny pipeline's weights as one of our single files (configs in its metadata)."""
-    root = tmp_path_factory.mktemp("model")
-    sd = model.load(helpers.write_diffusers_folder(pipe, str(root / "diffusers")))
-    path = str(root / "tiny.safetensors")
-    model.save(sd, path, resolution=RESOLUTION)
-    return path
 
 
 def stage1_args(tiny_model, images, out, *extra):
