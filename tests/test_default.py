@@ -115,18 +115,88 @@ def test_tiny_model_follows_prompts():
 
 @pytest.mark.slow
 def test_toybench_smoke_and_resume(tmp_path):
-    argv = ["--out", str(tmp_path), "--concepts", "1", "--seeds", "1", "--steps", "2", "--stage2_steps", "2",
-            "--sample_steps", "2", "--per_prompt", "1"]
-    toybench.main(argv)
+    argv = ["--out", str(tmp_path), "--concepts", "1", "--seeds", "1", "--images", "2", "--steps", "1",
+            "--stage2_steps", "1", "--sample_steps", "1", "--per_prompt", "1", "--open_images", "2"]
+    toybench.main(argv + ["--scenario", "distinct"])
     results = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
-    assert [r["method"] for r in results] == list(toybench.METHODS)
+    assert [(r["scenario"], r["method"]) for r in results] == [("distinct", m) for m in toybench.METHODS]
+    # A killed run: the last result never written. Running both scenarios measures it and the shared
+    # scenario, and writes nothing twice.
+    lines = open(tmp_path / "results.jsonl").readlines()
+    open(tmp_path / "results.jsonl", "w").writelines(lines[:-1])
+    toybench.main(argv + ["--scenario", "all"])
+    results = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
+    keys = [(r["scenario"], r["method"]) for r in results]
+    assert sorted(keys) == sorted((s, m) for s in ("distinct", "shared") for m in toybench.METHODS)
     for r in results:
-        assert all(0 <= r[m] <= 1 for m in ("fidelity", "alignment", "leak bg", "leak pos"))
+        assert all(0 <= r[m] <= 1 for m in ("fidelity", "alignment", *toybench.LEAKS)), r
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert list(summary) == ["distinct", "shared"]
+    measures = {"fidelity", "alignment"} | {f"{what}_{attr}_{kind}" for what in ("leak", "excess")
+                                            for attr in ("bg", "pos") for kind in ("open", "named")}
+    for scenario in summary.values():
+        assert list(scenario) == list(toybench.METHODS) and "words" in scenario and "DreamBooth-LoRA" in scenario
+        for method, values in scenario.items():
+            assert measures <= set(values) and all(len(v) == 2 and v[1] >= 0 for v in values.values())
+        assert all(scenario["words"][m][0] == 0 for m in measures if m.startswith("excess"))  # the base rate itself
     table = open(tmp_path / "table.md").read()
-    assert all(f"| {method} |" in table for method in toybench.METHODS)
-    assert Image.open(tmp_path / "grid.png").size == (4 * 64, (1 + len(toybench.METHODS)) * 64)
-    toybench.main(argv)  # everything finished is reused, nothing is added twice
-    assert len(open(tmp_path / "results.jsonl").readlines()) == len(results)
+    assert "### distinct" in table and "### shared" in table
+    assert all(table.count(f"| {method} |") == 2 for method in toybench.METHODS)
+    for scenario in ("distinct", "shared"):
+        named = 9 - 1 - (2 if scenario == "distinct" else 1)  # colours that are neither the concept's nor a reference's
+        size = Image.open(tmp_path / f"grid_{scenario}.png").size
+        assert size == ((named + 2) * 64, (1 + len(toybench.METHODS)) * 64)
+
+
+def test_toybench_leakage_and_excess_by_hand():
+    """measures() and summarise() on made-up classifier readings, against counts done by hand."""
+    concept = ("heart", "purple", "dotted")
+    refs = [{"background": "red", "position": "top left"}, {"background": "blue", "position": "top right"}]
+    kinds = ["named", "named", "named", "open", "open", "open", "open"]
+    grounds = ["green", "white", "black"]
+    read = {"shape": ["heart", "heart", "star", "heart", "heart", "heart", "circle"],
+            "colour": ["purple"] * 7,
+            "pattern": ["plain"] * 7,
+            "background": ["green", "red", "black", "red", "blue", "grey", "blue"],
+            "position": ["center", "center", "top left", "top right", "center", "bottom left", "top left"]}
+    got = toybench.measures(read, concept, kinds, grounds, refs)
+    assert got["shape"] == pytest.approx(5 / 7) and got["colour"] == 1 and got["pattern"] == 0
+    assert got["fidelity"] == pytest.approx((5 / 7 + 1 + 0) / 3)
+    assert got["alignment"] == pytest.approx(2 / 3)  # green and black as asked, red instead of white
+    assert got["leak_bg_named"] == pytest.approx(1 / 3) and got["leak_bg_open"] == pytest.approx(3 / 4)
+    assert got["leak_pos_named"] == pytest.approx(1 / 3) and got["leak_pos_open"] == pytest.approx(2 / 4)
+
+    def record(method, seed, bg_open, pos_open):
+        r = {"scenario": "shared", "concept": "c", "seed": seed, "method": method, **got}
+        r.update(leak_bg_open=bg_open, leak_pos_open=pos_open)
+        return r
+
+    records = [record("words", 0, 0.25, 0.5), record("words", 1, 0.0, 0.5),
+               record("DreamBooth-LoRA", 0, 0.75, 0.5), record("DreamBooth-LoRA", 1, 0.5, 1.0)]
+    summary = toybench.summarise(records, methods=["words", "DreamBooth-LoRA"])
+    assert list(summary) == ["shared"]  # no distinct records, no distinct section
+    control = summary["shared"]["DreamBooth-LoRA"]
+    assert control["leak_bg_open"] == pytest.approx([0.625, 0.125])
+    assert control["excess_bg_open"] == pytest.approx([0.5, 0.0])  # 0.75 - 0.25 and 0.5 - 0.0
+    assert control["excess_pos_open"] == pytest.approx([0.25, 0.25])  # 0.0 and 0.5
+    assert control["excess_bg_named"] == [0, 0]
+    assert summary["shared"]["words"]["excess_bg_open"] == [0, 0]
+
+
+def test_shared_reference_sets_share_one_background():
+    for c, concept in enumerate(world.HELD_OUT):
+        for seed in range(3):
+            _, captions, shared = world.reference_set(concept, 4, np.random.default_rng([seed, c]), "shared")
+            _, _, distinct = world.reference_set(concept, 4, np.random.default_rng([seed, c]), "distinct")
+            assert len({a["background"] for a in shared}) == 1 and shared[0]["background"] != concept[1]
+            assert all(world.background_words(shared[0]["background"], a["background_style"]) in text
+                       for a, text in zip(shared, captions))
+            assert len({a["background"] for a in distinct}) == 4
+            assert len({a["position"] for a in shared}) == 4 and "center" not in {a["position"] for a in shared}
+            # the same draw otherwise: the shared colour is the first distinct photo's
+            assert shared[0]["background"] == distinct[0]["background"]
+    with pytest.raises(ValueError, match="scenario"):
+        world.reference_set(world.HELD_OUT[0], 4, np.random.default_rng(0), "mixed")
 
 
 @pytest.mark.slow
@@ -150,3 +220,6 @@ def test_toybench_refuses_bad_settings(tmp_path):
         toybench.parse_args(["--concepts", "9"])
     with pytest.raises(model.UserError, match="classifier"):
         toybench.parse_args(["--classifier", str(tmp_path / "none.safetensors")])
+    with pytest.raises(model.UserError, match="unknown --methods"):
+        toybench.parse_args(["--methods", "DreamBooth"])
+    assert toybench.parse_args(["--methods", "DreamBooth-LoRA"]).methods == ["words", "DreamBooth-LoRA"]

@@ -209,13 +209,22 @@ def batch(rng, n, held_out=HELD_OUT, concept=None):
     return np.stack([render(a, rng) for a in attrs]), [caption(a) for a in attrs], attrs
 
 
-def reference_set(concept, n, rng):
-    """n photos of one concept to personalise from, as a user would bring them: each on a background
-    colour of its own and in a corner of its own (cycling past four), size and style random. What the
-    photos share is exactly the concept; everything else is residual that must not leak.
+REFERENCE_SCENARIOS = ("distinct", "shared")
+
+
+def reference_set(concept, n, rng, scenario="distinct"):
+    """n photos of one concept to personalise from, as a user would bring them, each in a corner of
+    its own (cycling past four), size and style random. scenario "distinct": each photo on a
+    background colour of its own, so what the photos share is exactly the concept (ConceptPrism's
+    case). "shared": every photo on the same background colour, a context that comes with the subject
+    in every photo (ACCORD's case). Either way the backgrounds and corners must not leak.
     Returns (images uint8 [n, SIZE, SIZE, 3], captions, attribute dicts)."""
+    if scenario not in REFERENCE_SCENARIOS:
+        raise ValueError(f"scenario must be one of {REFERENCE_SCENARIOS}, not {scenario!r}")
     grounds = [c for c in RGB if c != concept[1]]
     grounds = [grounds[k] for k in rng.permutation(len(grounds))[:n]]
+    if scenario == "shared":  # the first of the same draw: the rng stream stays that of "distinct"
+        grounds = [grounds[0]] * n
     corners = [p for p in ATTRIBUTES["position"] if p != "center"]
     order = rng.permutation(len(corners))
     corners = [corners[order[k % len(corners)]] for k in range(n)]
