@@ -96,7 +96,8 @@ def parse_args(argv=None):
                    help="the attribute classifier toy/train_classifier.py wrote "
                    "(default: the shipped one, toy/tiny/classifier.safetensors)")
     p.add_argument("--concepts", type=int, default=3, help="how many of the held-out concepts (at most 5)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per concept: reference photos, training, sampling")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per concept: reference photos, training, sampling "
+                   "(1 keeps the default run near 45 min on 2 CPU cores; the spread is then over concepts)")
     p.add_argument("--images", type=int, default=4, help="reference photos per concept")
     p.add_argument("--steps", type=int, default=400, help="stage-1 steps (the README's first command's)")
     p.add_argument("--lr", type=float, default=None, help="stage-1 learning rate (default: stage 1's)")
@@ -248,11 +249,12 @@ def main(argv=None):
     classifier = world.load_classifier(args.classifier)
     scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
 
-    for scenario in scenarios:
-        pictures = []  # the first concept and seed: references, then a row of images per method
-        for c, concept in enumerate(world.HELD_OUT[:args.concepts]):
-            name = world.concept_name(concept)
-            for seed in range(args.seeds):
+    # Scenarios innermost, so a run stopped early has both scenarios' first concepts.
+    pictures = {scenario: [] for scenario in scenarios}  # first concept, seed 0: references, then a row per method
+    for c, concept in enumerate(world.HELD_OUT[:args.concepts]):
+        name = world.concept_name(concept)
+        for seed in range(args.seeds):
+            for scenario in scenarios:
                 first = c == 0 and seed == 0
                 images, captions, ref_attrs = world.reference_set(concept, args.images,
                                                                   np.random.default_rng([seed, c]), scenario)
@@ -276,8 +278,8 @@ def main(argv=None):
                     generated = generate_images(args, prompts, folder, stage2_args is not None, seed)
                     if first:
                         open_shown = min(args.open_images, 4)
-                        pictures.append(torch.cat([generated[:len(grounds):args.per_prompt],
-                                                   generated[len(grounds):len(grounds) + open_shown]]))
+                        pictures[scenario].append(torch.cat([generated[:len(grounds):args.per_prompt],
+                                                             generated[len(grounds):len(grounds) + open_shown]]))
                     if key not in done:
                         read = classifier.predict(generated * 2 - 1)
                         done[key] = {"scenario": scenario, "concept": name, "seed": seed, "method": method,
@@ -287,9 +289,10 @@ def main(argv=None):
                     print(f"{scenario}, {name}, seed {seed}, {method}: " + ", ".join(
                         f"{m} {done[key][m]:.2f}" for m in ("fidelity", "alignment", *LEAKS)), flush=True)
                 if first:
-                    pictures.insert(0, world.to_tensor(images) / 2 + 0.5)
-        columns = max(len(p) for p in pictures)
-        rows = [torch.cat([p, torch.ones(columns - len(p), *p.shape[1:])]) for p in pictures]
+                    pictures[scenario].insert(0, world.to_tensor(images) / 2 + 0.5)
+    for scenario, rows in pictures.items():
+        columns = max(len(p) for p in rows)
+        rows = [torch.cat([p, torch.ones(columns - len(p), *p.shape[1:])]) for p in rows]
         save_png(grid(torch.cat(rows), columns=columns), os.path.join(args.out, f"grid_{scenario}.png"))
 
     # ---------------------------------------------------------------------------------------------
