@@ -25,7 +25,6 @@ from model.loader import current_umask, read_safetensors, save_safetensors
 from tests.helpers import ROOT, assert_one_line_error, photo_folder, run_main, script
 
 
-
 def stage1_args(tiny_model, images, out, *extra):
     return ["--images", images, "--model", tiny_model, "--out", out, "--val_steps", 0, *extra]
 
