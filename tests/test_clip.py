@@ -116,6 +116,7 @@ def test_round_trip_config_and_name_map():
             C.diffusers_name(bad, cfg)
 
 
+@pytest.mark.slow
 def test_sd15_size_parity_and_counts():
     torch.manual_seed(0)
     t = random_text_model(SD15_TRANSFORMERS)

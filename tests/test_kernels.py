@@ -86,6 +86,7 @@ if CUDA:  # SD1.5's real sizes at 256 px, with fewer rows
                    (4, 8, 256, 77, 80, [2, 0, 2, 0], "blhd"), (2, 8, 64, 77, 160, None, "blhd")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", LONG_CASES, ids=lambda c: "x".join(map(str, c[:5])))
 def test_attention_long(case, dtype):
@@ -209,6 +210,7 @@ GROUP_NORM_CASES = [  # shape, groups, silu, mean offset of x, memory layout
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", GROUP_NORM_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-g{c[1]}"
                          f"{'-silu' if c[2] else ''}-mean{c[3]:g}-{c[4]}")
+@pytest.mark.slow
 def test_group_norm_silu_matches_reference(case, dtype):
     shape, groups, silu, offset, layout = case
     gen = torch.Generator().manual_seed(0)

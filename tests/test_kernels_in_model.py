@@ -7,6 +7,8 @@ from model import conditions, ops, unet
 from model.schedule import add_noise, alphas_cumprod
 from tests.helpers import DEVICE, assert_close_as_torch, randomize, rel_err
 
+pytestmark = pytest.mark.slow  # the whole UNet under the Triton interpreter: minutes on 2 cores
+
 
 @pytest.fixture(autouse=True)
 def no_tf32():

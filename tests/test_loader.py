@@ -44,6 +44,7 @@ def check_outputs(sd, pipe):
     assert torch.equal(sd.alphas_cumprod, pipe.scheduler.alphas_cumprod)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["single", "diffusers"])
 def test_both_layouts_match_diffusers(files, pipe, layout):
     sd = model.load(files[layout])
@@ -68,6 +69,7 @@ def test_diffusers_converters_map_our_single_file_back(pipe):
                    for k in ref)
 
 
+@pytest.mark.slow
 def test_text_encoder_keys_without_text_model_prefix(pipe, tmp_path):
     folder = helpers.write_diffusers_folder(pipe, str(tmp_path / "m"))
     te = os.path.join(folder, "text_encoder", "model.safetensors")
@@ -196,6 +198,7 @@ print(weights, (peak - base) * 1024)
 """
 
 
+@pytest.mark.slow
 def test_sd15_single_file_loads_with_one_copy_of_the_weights(tmp_path):
     """The full SD1.5 layout (fp16 file): peak memory while loading <= 1.3x the weight bytes."""
     from model.loader import COMPONENTS

@@ -8,6 +8,8 @@ import model
 from model.generate import encode_prompts
 from tests import helpers
 
+pytestmark = pytest.mark.slow  # whole sampling loops of diffusers' pipeline: minutes on 2 cores
+
 
 @pytest.mark.parametrize("steps", [50, 20])
 def test_guided_sampling_equals_stable_diffusion_pipeline(tmp_path, steps):
