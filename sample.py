@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 
-
 import model
 from model import lora, run
 from model.generate import generate, grid, progress_bar, save_png, to_pil
