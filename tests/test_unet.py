@@ -75,6 +75,7 @@ def test_unknown_diffusers_key_is_refused():
         U.diffusers_name("add_embedding.linear_1.weight", U.TINY)
 
 
+@pytest.mark.slow  # SD1.5's full UNet twice: ~30 s
 def test_sd15_size_parity():
     """The real SD1.5 configuration: 859,520,964 parameters in 686 tensors."""
     torch.manual_seed(0)
