@@ -11,12 +11,14 @@ import sys
 from dataclasses import asdict
 
 import numpy as np
+import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from model import clip, unet, vae
+from model.errors import UserError
 from model.loader import COMPONENTS, SCHEDULE_KEYS, save_safetensors
 from model.tokenizer import write_vocab_files
 
@@ -117,6 +119,15 @@ DEVICE = "cuda" if CUDA else "cpu"  # without CUDA, "cpu" means Triton's interpr
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def each_case_in_each_dtype(cases, case_id, fast):
+    """pytest params (case, dtype) for every case in every dtype of DTYPES. The fast subset keeps the
+    first `fast` cases, one dtype each, taking the dtypes in turn so that each is there; the other
+    pairs are marked slow (the Triton interpreter takes 0.5-3 s a pair)."""
+    return [pytest.param(case, dtype, id=f"{case_id(case)}-{dtype}",
+                         marks=() if i < fast and j == i % len(DTYPES) else pytest.mark.slow)
+            for i, case in enumerate(cases) for j, dtype in enumerate(DTYPES)]
+
+
 def assert_close_as_torch(ours, torch_same_dtype, ref64, dtype, what=""):
     assert ours.dtype == dtype and ours.shape == ref64.shape, what
     err = rel_err(ours, ref64)
@@ -146,6 +157,17 @@ def run_main(main, *args):
     with contextlib.redirect_stdout(buffer):
         main([str(a) for a in args])
     return buffer.getvalue()
+
+
+def user_error(main, *args):
+    """Call a script's main(argv) in this process; it must stop with a UserError, the error that
+    `run.report_user_errors` prints as one line and exit 1 (each script has one subprocess test that
+    checks that printing). Returns the message, checked to be one line."""
+    with pytest.raises(UserError) as caught:
+        run_main(main, *args)
+    message = str(caught.value)
+    assert message and "\n" not in message, message
+    return message
 
 
 def assert_one_line_error(out, *words):

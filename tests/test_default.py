@@ -183,7 +183,7 @@ def test_toybench_leakage_and_excess_by_hand():
     assert summary["shared"]["words"]["excess_bg_open"] == [0, 0]
 
 
-def test_shared_reference_sets_share_one_background():
+def test_shared_reference_sets_share_one_background_and_one_corner():
     for c, concept in enumerate(world.HELD_OUT):
         for seed in range(3):
             _, captions, shared = world.reference_set(concept, 4, np.random.default_rng([seed, c]), "shared")
@@ -192,9 +192,11 @@ def test_shared_reference_sets_share_one_background():
             assert all(world.background_words(shared[0]["background"], a["background_style"]) in text
                        for a, text in zip(shared, captions))
             assert len({a["background"] for a in distinct}) == 4
-            assert len({a["position"] for a in shared}) == 4 and "center" not in {a["position"] for a in shared}
-            # the same draw otherwise: the shared colour is the first distinct photo's
+            assert len({a["position"] for a in shared}) == 1 and shared[0]["position"] != "center"
+            assert len({a["position"] for a in distinct}) == 4
+            # the same draw otherwise: the shared colour and corner are the first distinct photo's
             assert shared[0]["background"] == distinct[0]["background"]
+            assert shared[0]["position"] == distinct[0]["position"]
     with pytest.raises(ValueError, match="scenario"):
         world.reference_set(world.HELD_OUT[0], 4, np.random.default_rng(0), "mixed")
 

@@ -142,6 +142,7 @@ def test_mean_cosine_against_a_loop():
         metrics.mean_cosine(a[:1], a[:1], exclude_self=True)
 
 
+@pytest.mark.slow  # 3 s
 def test_scores_against_the_models_and_plain_loops(scoring_models):
     """Embeddings: DINO is the CLS token of last_hidden_state (not the pooler), CLIP the projected
     image/text features transformers' get_*_features give; score_subject's five numbers against

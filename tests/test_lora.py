@@ -15,7 +15,8 @@ from tests import helpers
 from tests.helpers import rel_err
 
 LAYOUTS = ["peft", "kohya"]
-RANK_ALPHA = [(4, 4.0), (4, 8.0)]  # scale 1, and alpha != rank, which the peft layout keeps in metadata
+RANK_ALPHA = [pytest.param(4, 4.0, marks=pytest.mark.slow),  # scale 1
+              (4, 8.0)]  # alpha != rank, which the peft layout keeps in metadata
 
 
 

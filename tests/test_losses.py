@@ -146,6 +146,7 @@ def test_literal_xprev_weight_is_about_1_226_of_eps_space():
     assert 1 / 240 < ratio.item() < 1 / 210
 
 
+@pytest.mark.slow  # the toy model at 64 px: 4 s
 def test_dd_default_matters_on_the_toy_model():
     """Stage 1's default DDLoss (eps space, weight 0.1) pulls on the tokens with ~1% of the
     reconstruction's gradient on the toy model at initialisation; the literal x_(t-1) form at the same

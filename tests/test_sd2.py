@@ -111,7 +111,7 @@ def check_components(sd, pipe, tol):
         assert rel_err(sd.vae.decode(z), pipe.vae.decode(z).sample) <= tol
 
 
-@pytest.mark.parametrize("layout", ["single_file", "diffusers_folder"])
+@pytest.mark.parametrize("layout", ["single_file", pytest.param("diffusers_folder", marks=pytest.mark.slow)])
 def test_tiny_sd2_parity_through_both_layouts(tmp_path, layout):
     pipe = tiny_sd2(str(tmp_path))
     if layout == "single_file":
@@ -165,7 +165,9 @@ def test_single_file_mapping_is_diffusers_own():
                                    for k in original if k.removeprefix(PREFIX) not in ours)
 
 
-@pytest.mark.parametrize("global_step,expected", [(None, None), (875000, "epsilon"), (110000, "v_prediction")])
+@pytest.mark.parametrize("global_step,expected", [pytest.param(None, None, marks=pytest.mark.slow),
+                                                  pytest.param(875000, "epsilon", marks=pytest.mark.slow),
+                                                  (110000, "v_prediction")])
 def test_single_file_prediction_type_is_what_diffusers_detects(tmp_path, global_step, expected):
     """diffusers' single-file loader reads `global_step`: 875,000 (SD 2 base) is epsilon, any other v.
     Without it the file does not say: None, and the resolution waits for the user's answer."""
@@ -180,6 +182,7 @@ def test_single_file_prediction_type_is_what_diffusers_detects(tmp_path, global_
         sd.set_prediction_type("sample")
 
 
+@pytest.mark.slow  # 3 s
 def test_folder_scheduler_says_the_prediction_type(tmp_path):
     pipe = tiny_sd2(str(tmp_path), upcast=True)
     path = helpers.write_diffusers_folder(pipe, str(tmp_path / "sd2"))
@@ -208,6 +211,7 @@ def test_upcast_attention_runs_in_fp32():
         assert not torch.equal(attn(x), expected)
 
 
+@pytest.mark.slow  # 5 s; DPM-Solver++ parity on epsilon stays fast (test_schedule.py)
 def test_tiny_sd2_v_prediction_dpm_sampling_equals_the_pipeline(tmp_path):
     """The authors' sampling (DPM-Solver++ from the SD 2 config, v prediction) on a loaded SD 2 file."""
     pipe = tiny_sd2(str(tmp_path))

@@ -101,6 +101,7 @@ def test_matches_transformers(files):
     assert sum(c > 75 for c in counts) >= 100 and min(counts) == 0
 
 
+@pytest.mark.slow  # 1000 prompts: 4 s; test_matches_transformers stays fast
 def test_sd2_tokenizer_matches_diffusers(files, tmp_path):
     """SD 2's tokenizer: the same BPE, padded with "!" (id 0), which transformers also makes a special
     token (a "!" in the prompt becomes id 0). From the BPE file, and from a folder as SD 2's is saved

@@ -22,7 +22,7 @@ import stage1_tokens
 import stage2_lora
 from model import run
 from model.loader import current_umask, read_safetensors, save_safetensors
-from tests.helpers import ROOT, assert_one_line_error, photo_folder, run_main, script
+from tests.helpers import ROOT, assert_one_line_error, photo_folder, run_main, script, user_error
 
 
 def stage1_args(tiny_model, images, out, *extra):
@@ -198,6 +198,7 @@ def test_stage2_with_wrong_images_writes_nothing(trained, tmp_path):
 # -------------------------------------------------------------------------------------------------
 # what the files are: modes, and nothing private in what is shared
 
+@pytest.mark.slow  # 2 s
 def test_outputs_get_the_usual_file_mode(trained, tmp_path):
     out = str(tmp_path / "run")
     shutil.copytree(trained[0], out)
@@ -210,6 +211,7 @@ def test_outputs_get_the_usual_file_mode(trained, tmp_path):
         assert os.stat(path).st_mode & 0o777 == mode, path
 
 
+@pytest.mark.slow  # 3 s
 def test_shared_files_hold_no_local_path(tiny_model, tmp_path, tmp_path_factory):
     """Every file of a finished run, but the local paths.json, is free of the user's directories
     (photos, model, run folder); a copy without paths.json still samples when told the model."""
@@ -247,10 +249,10 @@ def test_weights_that_fit_no_layout_end_in_one_line(tiny_model, tmp_path):
     tensors[key] = torch.zeros(61, *tensors[key].shape[1:])
     bad = str(tmp_path / "odd.safetensors")
     save_safetensors(tensors, bad, metadata)
-    result = script("stage1_tokens.py", *stage1_args(bad, photo_folder(tmp_path / "photos", n=2), tmp_path / "out",
-                                                     "--steps", 1), check=False)
-    assert_one_line_error(result, bad, "unet", "layout", "61")
-    assert result.returncode == 1 and not os.path.exists(tmp_path / "out")
+    message = user_error(stage1_tokens.main, *stage1_args(bad, photo_folder(tmp_path / "photos", n=2),
+                                                          tmp_path / "out", "--steps", 1)).lower()
+    assert all(word in message for word in (bad, "unet", "layout", "61")), message
+    assert not os.path.exists(tmp_path / "out")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -295,14 +297,27 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tiny_model, tmp_path, monkeyp
 
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path):
+    """A real failed write (a file-size limit), in a forked child so the limit stays out of pytest:
+    no interpreter start, no imports to pay."""
     path = str(tmp_path / "x.safetensors")
     save_safetensors({"a": torch.ones(4)}, path)
-    code = ("import resource, signal, torch; from model.loader import save_safetensors; "
-            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)); "
-            f"save_safetensors({{'a': torch.zeros(1000)}}, {path!r})")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": ROOT})
-    assert result.returncode != 0 and "UserError: cannot write" in result.stderr
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: write, report the error's message through the pipe, never return to pytest
+        code = 0
+        try:
+            file_size_limit(1000)()
+            save_safetensors({"a": torch.zeros(1000)}, path)
+        except model.UserError as e:
+            os.write(write, str(e).encode())
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write)
+    message = os.read(read, 4096).decode()
+    os.close(read)
+    assert os.waitpid(child, 0)[1] != 0
+    assert message.startswith(f"cannot write {path}") and "previous file is unchanged" in message
     assert torch.equal(load_file(path)["a"], torch.ones(4)) and os.listdir(tmp_path) == ["x.safetensors"]
 
 

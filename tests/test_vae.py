@@ -98,6 +98,7 @@ def test_name_map_edges():
             V.diffusers_name(bad, cfg)
 
 
+@pytest.mark.slow  # full size: 4 s
 def test_sd15_size_parity_and_counts():
     torch.manual_seed(0)
     d = random_diffusers_vae(SD15_DIFFUSERS)

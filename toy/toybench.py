@@ -11,8 +11,8 @@ concept with two kinds of prompt:
   open   "a large <v>": no background, no place, so nothing in the prompt overrules a leak
 
 Scenarios: "distinct" gives every photo a background colour and a corner of its own (ConceptPrism's
-case: what is specific to one photo); "shared" puts every photo on the same background colour, corners
-still distinct (ACCORD's case: a context that comes with the subject every time).
+case: what is specific to one photo); "shared" puts every photo on the same background colour and in
+the same corner (ACCORD's case: a context that comes with the subject every time).
 
 The attribute classifier reads every generated image:
 
@@ -24,7 +24,8 @@ The attribute classifier reads every generated image:
                     and seed: leakage above the base rate at which an unpersonalised model draws those
                     colours and corners anyway (in "distinct" four of eight colours and all four corners
                     are a reference's, so the raw share is high for every row; only the excess says
-                    anything)
+                    anything; in "shared" one colour and one corner are the references', so the
+                    base rate is low and a learned context shows)
 
 Rows: `words` asks for the concept by name ("purple dotted heart"; pretraining never showed those
 combinations): the base rate. Then textual inversion (<v> alone); DreamBooth-LoRA (textual inversion,

@@ -213,11 +213,12 @@ REFERENCE_SCENARIOS = ("distinct", "shared")
 
 
 def reference_set(concept, n, rng, scenario="distinct"):
-    """n photos of one concept to personalise from, as a user would bring them, each in a corner of
-    its own (cycling past four), size and style random. scenario "distinct": each photo on a
-    background colour of its own, so what the photos share is exactly the concept (ConceptPrism's
-    case). "shared": every photo on the same background colour, a context that comes with the subject
-    in every photo (ACCORD's case). Either way the backgrounds and corners must not leak.
+    """n photos of one concept to personalise from, as a user would bring them, size and style random.
+    scenario "distinct": each photo on a background colour and in a corner of its own (corners cycle
+    past four), so what the photos share is exactly the concept (ConceptPrism's case). "shared": every
+    photo on the same background colour and in the same corner, a context that comes with the subject
+    in every photo (ACCORD's case; with one corner the position leak is measurable too: four distinct
+    corners are all the corners there are). Either way the backgrounds and corners must not leak.
     Returns (images uint8 [n, SIZE, SIZE, 3], captions, attribute dicts)."""
     if scenario not in REFERENCE_SCENARIOS:
         raise ValueError(f"scenario must be one of {REFERENCE_SCENARIOS}, not {scenario!r}")
@@ -228,6 +229,8 @@ def reference_set(concept, n, rng, scenario="distinct"):
     corners = [p for p in ATTRIBUTES["position"] if p != "center"]
     order = rng.permutation(len(corners))
     corners = [corners[order[k % len(corners)]] for k in range(n)]
+    if scenario == "shared":
+        corners = [corners[0]] * n
     attrs = []
     for ground, corner in zip(grounds, corners):
         a = sample_attributes(rng, concept=concept)
