@@ -25,7 +25,6 @@ scores are written is not touched again, a finished stage is skipped, an unfinis
 from its checkpoint (--resume), and a prompt whose images are all on disk is not sampled again.
 """
 import argparse
-import datetime
 import json
 import os
 import re
@@ -165,26 +164,6 @@ def slug(text):
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60]
 
 
-def start_distributed():
-    """(rank, world size, device). Under torchrun each rank takes the GPU of its LOCAL_RANK; without
-    it one process does everything."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, None
-    local_rank = int(os.environ["LOCAL_RANK"])
-    device = None
-    if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise model.UserError(f"local rank {local_rank} has no GPU (this machine has {torch.cuda.device_count()}); "
-                                  "use --nproc_per_node <= the number of GPUs")
-        torch.cuda.set_device(local_rank)  # the stage scripts' "cuda" is then this rank's GPU
-        device = f"cuda:{local_rank}"
-    # One rank may wait hours at the gather for the others' subjects: the 30-minute default would
-    # end a healthy run.
-    dist.init_process_group("nccl" if device else "gloo", timeout=datetime.timedelta(days=7))
-    return dist.get_rank(), world, device
-
-
 # -------------------------------------------------------------------------------------------------
 # one subject: stages, images, scores
 
@@ -301,7 +280,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------------------------------------
     # load: the scoring models first, so a missing one fails in seconds rather than after stage 1
-    rank, world, device = start_distributed()
+    rank, world, device = run.start_distributed()
     scorer = metrics.Scorer(args.clip, args.dino, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings_path = os.path.join(args.out, "dreambench.json")
     if os.path.exists(settings_path):

@@ -9,6 +9,7 @@ machine; everything else in the folder can be shared as it is.
 """
 import argparse
 import contextlib
+import datetime
 import errno
 import fcntl
 import json
@@ -18,6 +19,7 @@ import signal
 import sys
 
 import torch
+import torch.distributed as dist
 
 from model.errors import UserError
 from model.loader import read_safetensors, save_safetensors
@@ -406,19 +408,36 @@ def residual_names(n_images, per_image):
     return [[f"<r{i}_{k}>" for k in range(per_image)] for i in range(n_images)]
 
 
+RESIDUAL_NAME = re.compile(r"<r\d+_\d+>")
+
+
+def check_token_name(name):
+    """--token: one word that a prompt can hold and that names none of the residual tokens (whether
+    the model's vocabulary already has it is the tokenizer's check, Tokenizer.add_tokens)."""
+    if not name or any(c.isspace() for c in name):
+        raise UserError(f"--token {name!r} must be one word without spaces, like <v> or <dog>")
+    if RESIDUAL_NAME.fullmatch(name.lower()) or re.search(r"_\d+$", name):
+        raise UserError(f"--token {name}: names like <r0_1> and endings like _1 are taken (residual tokens, a "
+                        "token's further vectors); pick a name like <dog>")
+    return name
+
+
 def save_tokens(out, target, residual, metadata):
     """tokens.safetensors (everything), plus the target token alone in the two forms other tools
-    load: diffusers' load_textual_inversion ({"<v>": [n,768]}) and A1111/ComfyUI ({"emb_params": ...})."""
+    load: diffusers' load_textual_inversion ({"<v>": [n,width]}, under the token's name,
+    metadata["target_token"]) and A1111/ComfyUI ({"emb_params": ...})."""
     target = target.detach().float().cpu()
+    token = metadata.get("target_token", TARGET_TOKEN)
     save_safetensors({"target": target, "residual": residual.detach().float().cpu()},
                      os.path.join(out, TOKENS_FILE), {k: json.dumps(v) for k, v in metadata.items()})
-    save_safetensors({TARGET_TOKEN: target}, os.path.join(out, "v.diffusers.safetensors"))
+    save_safetensors({token: target}, os.path.join(out, "v.diffusers.safetensors"))
     save_safetensors({"emb_params": target}, os.path.join(out, "v.a1111.safetensors"),
-                     {"name": "v", "step": str(metadata.get("steps", ""))})
+                     {"name": token.strip("<>") or token, "step": str(metadata.get("steps", ""))})
 
 
 def load_tokens(out):
-    """(target [n,768], residual [N,8,768], metadata) from a stage-1 run folder."""
+    """(target [n,width], residual [N,8,width], metadata) from a stage-1 run folder; the token's name
+    is token_name(metadata)."""
     path = os.path.join(out, TOKENS_FILE)
     if not os.path.exists(path):
         raise UserError(f"{out} has no {TOKENS_FILE}: run stage1_tokens.py with --out {out} first")
@@ -438,8 +457,60 @@ def describe_model(path, default_path):
     return str(path)
 
 
-def with_target_token(prompt):
-    """Accept `*` and `{V}` as spellings of <v>."""
-    for placeholder in PLACEHOLDERS:
-        prompt = prompt.replace(placeholder, TARGET_TOKEN)
+def token_name(meta):
+    """The learned token's name a tokens file's metadata gives (stage 1's --token; runs made before
+    the flag: <v>)."""
+    return meta.get("target_token") or TARGET_TOKEN
+
+
+def check_token_width(target, sd, out):
+    """The tokens of `out` must be as wide as the model's words (768 for SD 1.x, 1024 for SD 2.x)."""
+    width = sd.text_encoder.config.width
+    if target.shape[-1] != width:
+        raise UserError(f"{out} holds {target.shape[-1]}-wide token vectors, but this model's words are {width} "
+                        "wide: it was learned on another model (pass that one with --model)")
+
+
+def with_target_token(prompt, token=TARGET_TOKEN):
+    """Accept `*` and `{V}` (and <v>, for a token with another name) as spellings of the token."""
+    for placeholder in PLACEHOLDERS + ((TARGET_TOKEN,) if token != TARGET_TOKEN else ()):
+        prompt = prompt.replace(placeholder, token)
     return prompt
+
+
+def set_prediction_type(sd, given, model_path):
+    """What the UNet predicts: `given` (--prediction_type, or what stage 1 stored), else what the model
+    says; a model that does not say (an SD 2.x single file without global_step) needs the flag.
+    Returns it; also fills in sd.resolution where that waited for the answer."""
+    if given:
+        if sd.prediction_type not in (None, given):
+            warn(f"{model_path} says it predicts {sd.prediction_type}; using {given} as asked")
+        sd.set_prediction_type(given)
+    elif sd.prediction_type is None:
+        raise UserError(f"{model_path} does not say what its UNet predicts: pass --prediction_type v_prediction "
+                        "for a 768-v model (SD 2.x at 768 px) or --prediction_type epsilon for a 512 base model")
+    return sd.prediction_type
+
+
+# -------------------------------------------------------------------------------------------------
+# several processes (torchrun)
+
+def start_distributed():
+    """(rank, world size, device) for a script that shares out independent jobs (dreambench.py,
+    toy/toybench.py). Under torchrun each rank takes the GPU of its LOCAL_RANK (device "cuda:<k>"; on
+    a CPU-only machine None, and gloo); without torchrun, (0, 1, None): one process does everything."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, None
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = None
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} has no GPU (this machine has {torch.cuda.device_count()}); "
+                            "use --nproc_per_node <= the number of GPUs")
+        torch.cuda.set_device(local_rank)  # the stage scripts' "cuda" is then this rank's GPU
+        device = f"cuda:{local_rank}"
+    # One rank may wait hours at the gather for the others' jobs: the 30-minute default would end a
+    # healthy run.
+    dist.init_process_group("nccl" if device else "gloo", timeout=datetime.timedelta(days=7))
+    return dist.get_rank(), world, device

@@ -148,6 +148,31 @@ def test_toybench_smoke_and_resume(tmp_path):
         assert size == ((named + 2) * 64, (1 + len(toybench.METHODS)) * 64)
 
 
+@pytest.mark.slow
+def test_toybench_under_torchrun_writes_the_table_of_one_process(tmp_path):
+    """Two ranks deal out the (scenario, concept, seed) jobs and write the same results, table and grid
+    as one process (both single-threaded, where CPU runs repeat bit for bit)."""
+    argv = ["--concepts", "1", "--seeds", "2", "--images", "2", "--steps", "2", "--stage2_steps", "1",
+            "--sample_steps", "2", "--per_prompt", "1", "--open_images", "2", "--methods", "DreamBooth-LoRA"]
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}
+    outs = {}
+    for name, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2"])):
+        outs[name] = tmp_path / name
+        done = subprocess.run([sys.executable, *launcher, os.path.join("toy", "toybench.py"), "--out",
+                               str(outs[name]), *argv], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    def results(out):
+        return sorted(open(out / "results.jsonl").read().splitlines())
+
+    assert len(results(outs["one"])) == 2 * 2 * 2  # scenarios x seeds x (words, DreamBooth-LoRA)
+    assert results(outs["two"]) == results(outs["one"])
+    assert open(outs["two"] / "table.md").read() == open(outs["one"] / "table.md").read()
+    for scenario in toybench.SCENARIOS:
+        grids = [np.asarray(Image.open(outs[name] / f"grid_{scenario}.png")) for name in outs]
+        assert np.array_equal(*grids)
+
+
 def test_toybench_leakage_and_excess_by_hand():
     """measures() and summarise() on made-up classifier readings, against counts done by hand."""
     concept = ("heart", "purple", "dotted")

@@ -2,6 +2,7 @@
 
     python toy/toybench.py --scenario all                       # both scenarios, every row
     python toy/toybench.py --scenario shared --concepts 1 --seeds 1 --steps 20 --stage2_steps 10 --sample_steps 10
+    torchrun --nproc_per_node 2 toy/toybench.py --scenario all  # (scenario, concept, seed) jobs shared out
 
 For every scenario, held-out concept and seed it renders reference photos of the concept
 (world.reference_set), personalises the embedded toy model with each method below, then asks for the
@@ -37,7 +38,11 @@ condition "<v> <r_i>" is "<v>" and "<r_i>" is "": A_p = 0 and A_g = A_0, and the
 any weights (stage1_tokens.py refuses --dd_weight with --residuals 0 for that reason).
 
 Results are appended to <out>/results.jsonl as each (scenario, concept, seed, method) finishes, and a
-finished training stage is reused, so a killed benchmark continues where it stopped. <out>/table.md has
+finished training stage is reused, so a killed benchmark continues where it stopped. Under torchrun the
+(scenario, concept, seed) jobs are dealt out to the ranks (each rank on its own GPU, or one CPU thread
+each: torchrun sets OMP_NUM_THREADS=1), all appending to the one results.jsonl; rank 0 gathers the grid
+pictures and writes the tables. Every job is seeded by itself, so the tables do not depend on how
+many processes ran them. <out>/table.md has
 a table per scenario, <out>/summary.json {scenario: {method: {measure: [mean, std]}}} (mean and std over
 all concept x seed runs), <out>/grid_<scenario>.png the first concept at seed 0: references on top,
 then per method its named images (one per colour) and then its open images.
@@ -50,6 +55,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 # Run as `python toy/<script>.py`, Python puts toy/ first on sys.path, not the repository root
 # where the `model` library, the stage scripts and the `toy` package are: add the root.
@@ -235,8 +241,19 @@ def table(rows):
 # -------------------------------------------------------------------------------------------------
 # the benchmark
 
+def append_result(path, record):
+    """One line, in one write to a file opened for appending: the lines of several ranks never mix."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    rank, ranks, device = run.start_distributed()
+    args.device = device or args.device
     torch.manual_seed(0)
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.jsonl")
@@ -251,46 +268,56 @@ def main(argv=None):
     scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
 
     # Scenarios innermost, so a run stopped early has both scenarios' first concepts.
-    pictures = {scenario: [] for scenario in scenarios}  # first concept, seed 0: references, then a row per method
-    for c, concept in enumerate(world.HELD_OUT[:args.concepts]):
+    jobs = [(c, concept, seed, scenario) for c, concept in enumerate(world.HELD_OUT[:args.concepts])
+            for seed in range(args.seeds) for scenario in scenarios]
+    pictures = {}  # first concept, seed 0, per scenario: references, then a row per method
+    for c, concept, seed, scenario in jobs[rank::ranks]:
         name = world.concept_name(concept)
-        for seed in range(args.seeds):
-            for scenario in scenarios:
-                first = c == 0 and seed == 0
-                images, captions, ref_attrs = world.reference_set(concept, args.images,
-                                                                  np.random.default_rng([seed, c]), scenario)
-                tag = f"{scenario}/{name.replace(' ', '_')}_seed{seed}"
-                refs = os.path.join(args.out, "refs", tag)
-                world.write_folder(refs, images, captions)
-                ref_grounds = {a["background"] for a in ref_attrs}
-                grounds = [g for g in world.RGB if g != concept[1] and g not in ref_grounds]
-                grounds = [g for g in grounds for _ in range(args.per_prompt)]
-                for method in args.methods:
-                    stage1_args, stage2_args = METHODS[method]
-                    key = (scenario, name, seed, method)
-                    if key in done and not first:
-                        continue
-                    folder = None
-                    if stage1_args is not None:
-                        stage1_name = "_".join(stage1_args).replace("-", "") or "default"
-                        folder = os.path.join(args.out, "runs", tag, stage1_name)
-                        folder = personalise(args, refs, folder, stage1_args, stage2_args, seed)
-                    prompts, kinds = prompts_for(name if folder is None else "<v>", grounds, args.open_images)
-                    generated = generate_images(args, prompts, folder, stage2_args is not None, seed)
-                    if first:
-                        open_shown = min(args.open_images, 4)
-                        pictures[scenario].append(torch.cat([generated[:len(grounds):args.per_prompt],
-                                                             generated[len(grounds):len(grounds) + open_shown]]))
-                    if key not in done:
-                        read = classifier.predict(generated * 2 - 1)
-                        done[key] = {"scenario": scenario, "concept": name, "seed": seed, "method": method,
-                                     **measures(read, concept, kinds, grounds, ref_attrs)}
-                        with open(results_path, "a") as f:
-                            f.write(json.dumps(done[key]) + "\n")
-                    print(f"{scenario}, {name}, seed {seed}, {method}: " + ", ".join(
-                        f"{m} {done[key][m]:.2f}" for m in ("fidelity", "alignment", *LEAKS)), flush=True)
-                if first:
-                    pictures[scenario].insert(0, world.to_tensor(images) / 2 + 0.5)
+        first = c == 0 and seed == 0
+        if first:
+            pictures[scenario] = []
+        images, captions, ref_attrs = world.reference_set(concept, args.images,
+                                                          np.random.default_rng([seed, c]), scenario)
+        tag = f"{scenario}/{name.replace(' ', '_')}_seed{seed}"
+        refs = os.path.join(args.out, "refs", tag)
+        world.write_folder(refs, images, captions)
+        ref_grounds = {a["background"] for a in ref_attrs}
+        grounds = [g for g in world.RGB if g != concept[1] and g not in ref_grounds]
+        grounds = [g for g in grounds for _ in range(args.per_prompt)]
+        for method in args.methods:
+            stage1_args, stage2_args = METHODS[method]
+            key = (scenario, name, seed, method)
+            if key in done and not first:
+                continue
+            folder = None
+            if stage1_args is not None:
+                stage1_name = "_".join(stage1_args).replace("-", "") or "default"
+                folder = os.path.join(args.out, "runs", tag, stage1_name)
+                folder = personalise(args, refs, folder, stage1_args, stage2_args, seed)
+            prompts, kinds = prompts_for(name if folder is None else "<v>", grounds, args.open_images)
+            generated = generate_images(args, prompts, folder, stage2_args is not None, seed)
+            if first:
+                open_shown = min(args.open_images, 4)
+                pictures[scenario].append(torch.cat([generated[:len(grounds):args.per_prompt],
+                                                     generated[len(grounds):len(grounds) + open_shown]]))
+            if key not in done:
+                read = classifier.predict(generated * 2 - 1)
+                done[key] = {"scenario": scenario, "concept": name, "seed": seed, "method": method,
+                             **measures(read, concept, kinds, grounds, ref_attrs)}
+                append_result(results_path, done[key])
+            print(f"{scenario}, {name}, seed {seed}, {method}: " + ", ".join(
+                f"{m} {done[key][m]:.2f}" for m in ("fidelity", "alignment", *LEAKS)), flush=True)
+        if first:
+            pictures[scenario].insert(0, world.to_tensor(images) / 2 + 0.5)
+    if ranks > 1:  # rank 0 gets every rank's measures and pictures, then writes the tables alone
+        gathered = [None] * ranks
+        dist.all_gather_object(gathered, (done, pictures))
+        dist.destroy_process_group()
+        for part_done, part_pictures in gathered:
+            done.update(part_done)
+            pictures.update(part_pictures)
+    if rank != 0:
+        return
     for scenario, rows in pictures.items():
         columns = max(len(p) for p in rows)
         rows = [torch.cat([p, torch.ones(columns - len(p), *p.shape[1:])]) for p in rows]
