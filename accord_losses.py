@@ -89,15 +89,18 @@ def pd_loss(f_p, f_s, f_g):
     return (cos_p - cos_s).abs().mean()
 
 
-def loss_terms(eps, noise, t, alphas_cumprod, dd_space="eps", pd_features=None):
-    """Every loss term a step has, from the named predictions of model/conditions.py:
+def loss_terms(eps, noise, t, alphas_cumprod, dd_space="eps", pd_features=None, rec=None):
+    """Every loss term a step has, from the named predictions of model/conditions.py (as noise):
 
-        rec   reconstruction of the noise `noise` that made the `rec` rows (timesteps `t`)
+        rec   reconstruction of the noise `noise` that made the `rec` rows (timesteps `t`), or of
+              the pair rec = (output, target) when given: a v-prediction UNet's own output and
+              target v_t (conditions.for_losses makes both arguments for either kind of model)
         excl  exclusion, when the anchor rows are there (anchor_g against sg[anchor_null])
         dd    DDLoss, when the `p`, `g` and `null` rows are there
         pd    PDLoss, when pd_features = (f_p, f_s, f_g) is given
     """
-    terms = {"rec": reconstruction_loss(eps["rec"], noise.to(eps["rec"]))}
+    output, target = rec if rec is not None else (eps["rec"], noise)
+    terms = {"rec": reconstruction_loss(output, target.to(output))}
     if "anchor_g" in eps:
         terms["excl"] = exclusion_loss(eps["anchor_g"], eps["anchor_null"])
     if "p" in eps:

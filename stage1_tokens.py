@@ -23,8 +23,8 @@ import accord_losses
 import model
 from model import conditions, run
 from model.data import NEUTRAL_CAPTION, list_images, load_images
-from model.generate import generate, grid, progress_bar, save_png
-from model.schedule import add_noise
+from model.generate import SAMPLERS, generate, grid, progress_bar, save_png
+from model.schedule import PREDICTION_TYPES, add_noise
 from model.training import Training
 
 
@@ -37,13 +37,18 @@ def parse_args(argv=None):
     io = p.add_argument_group("I/O")
     io.add_argument("--images", required=True, help="folder of 2-6 photos of one subject (NN.txt captions beside them)")
     io.add_argument("--captions", default=None, help="JSON file mapping image file names to captions")
-    io.add_argument("--model", default=model.DEFAULT_MODEL, help="SD1.5 .safetensors file, diffusers folder or hub "
-                    "id (default: the embedded toy model)")
+    io.add_argument("--model", default=model.DEFAULT_MODEL, help="SD 1.5 or 2.x .safetensors file, diffusers folder "
+                    "or hub id (default: the embedded toy model)")
+    io.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None, help="what the UNet predicts "
+                    "(default: what the model says; an SD 2.x single file without that says nothing, and a 768-v "
+                    "one needs v_prediction); stored with the run for stage 2 and sample.py")
     io.add_argument("--out", default=None, help="run folder (default runs/<images folder name>)")
     io.add_argument("--save_every", type=int, default=50, help="checkpoint every this many steps")
     io.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     io.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     method = p.add_argument_group("method")
+    method.add_argument("--token", default=run.TARGET_TOKEN, help="the learned token's name in prompts and exports "
+                        "(one new word, e.g. <dog>: concepts sampled together need different names)")
     method.add_argument("--target_vectors", type=int, default=1, help="vectors <v> stands for (1 in both papers)")
     method.add_argument("--residuals", type=int, default=8, help="residual tokens per image (0: textual inversion, "
                         "<v> alone)")
@@ -67,13 +72,16 @@ def parse_args(argv=None):
     system.add_argument("--precision", choices=list(run.PRECISIONS), default=None, help="frozen model dtype "
                         "(default bf16 on CUDA, fp32 on CPU)")
     system.add_argument("--device", default=None, help="default cuda when available")
-    system.add_argument("--val_steps", type=int, default=50, help="DDIM steps of the final validation grid "
-                        "(0 = no grid)")
+    system.add_argument("--val_sampler", choices=list(SAMPLERS), default="ddim", help="sampler of the final "
+                        "validation grid")
+    system.add_argument("--val_steps", type=int, default=None, help="sampler steps of the final validation grid "
+                        "(default: 50 for ddim, 25 for dpm++; 0 = no grid)")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.target_vectors < 1 or args.lr <= 0 or \
+    run.check_token_name(args.token)
+    if args.steps < 1 or args.target_vectors < 1 or args.lr <= 0 or (args.val_steps or 0) < 0 or \
             min(args.beta, args.dd_weight, args.pd_weight, args.residuals) < 0:
-        raise model.UserError("--steps and --target_vectors must be >= 1, --lr > 0, --residuals and the loss "
-                              "weights >= 0")
+        raise model.UserError("--steps and --target_vectors must be >= 1, --lr > 0, --val_steps, --residuals and "
+                              "the loss weights >= 0")
     if args.residuals == 0 and args.dd_weight > 0:
         raise model.UserError("--dd_weight needs residual tokens (its conditions include <r_i>); use --residuals > 0")
     if args.pd_weight > 0 and not args.superclass:
@@ -102,10 +110,11 @@ def main(argv=None):
     # load: every input is checked before the run folder is created, the cheap checks first
     run.check_out(args.out, "stage1", args.resume, args.overwrite)
     image_paths, _, _ = list_images(args.images, args.captions)
-    print(f"stage 1: learning {run.TARGET_TOKEN} from {len(image_paths)} photos in {args.images}, run folder "
+    print(f"stage 1: learning {args.token} from {len(image_paths)} photos in {args.images}, run folder "
           f"{args.out}")
     print(f"model: {run.describe_model(args.model, model.DEFAULT_MODEL)} on {device}, {precision}")
     sd = model.load(args.model, device, dtype)
+    prediction_type = run.set_prediction_type(sd, args.prediction_type, args.model)
     # Only the new vectors train, and they pass through the text encoder: keep it in fp32, as the
     # ConceptPrism authors do (123M parameters next to the UNet's 860M, which stays in `dtype`). In
     # bf16 a residual vector's elements near 1 move in steps of ~0.008 while Adam moves them ~5e-4.
@@ -133,7 +142,7 @@ def main(argv=None):
 
     # The new tokens: ids after the frozen table, vectors in their own fp32 parameters.
     residual_tokens = run.residual_names(n, args.residuals)
-    sd.tokenizer.add_multi_vector_token(run.TARGET_TOKEN, args.target_vectors)
+    sd.tokenizer.add_multi_vector_token(args.token, args.target_vectors)
     sd.tokenizer.add_tokens(sum(residual_tokens, []))
     encoder = sd.text_encoder
     with torch.no_grad():
@@ -160,14 +169,14 @@ def main(argv=None):
 
     # Prompts of the four conditions per image, tokenised once; "" and the latents are constants.
     with_r = [" ".join(r) for r in residual_tokens]
-    ids_pg = sd.tokenizer([f"{run.TARGET_TOKEN} {r}" for r in with_r]).to(device)
+    ids_pg = sd.tokenizer([f"{args.token} {r}" for r in with_r]).to(device)
     ids_g = sd.tokenizer(with_r).to(device)
-    ids_p = sd.tokenizer([run.TARGET_TOKEN]).to(device)
+    ids_p = sd.tokenizer([args.token]).to(device)
     with torch.no_grad():
         empty = encoder(sd.tokenizer([""]).to(device))
         latents = torch.cat([sd.vae.encode(x[None].to(device, dtype))[0] for x in refs.images]) * sd.vae.scaling_factor
     if args.pd_weight > 0:
-        ids_pd = sd.tokenizer([f"a photo of {run.TARGET_TOKEN}"]).to(device)
+        ids_pd = sd.tokenizer([f"a photo of {args.token}"]).to(device)
         with torch.no_grad():
             f_s = encoder.pooled(sd.tokenizer([f"a photo of {args.superclass}"]).to(device)).float()
             f_g = encoder.pooled(sd.tokenizer(captions).to(device)).float()
@@ -178,7 +187,7 @@ def main(argv=None):
     # the model are found again through the run's local paths.json.
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "out", "images", "captions")}
     settings.update(beta=beta, resolution=resolution, precision=precision, device=device,
-                    model=run.model_name(args.model, model.DEFAULT_MODEL))
+                    prediction_type=prediction_type, model=run.model_name(args.model, model.DEFAULT_MODEL))
 
     with Training(args.out, "stage1", params, optimizer, scaler, generator, args.steps, args.save_every, args.resume,
                   args.overwrite, meta={"settings": json.dumps(settings)}) as training:
@@ -198,11 +207,13 @@ def main(argv=None):
             table = torch.cat([hidden[:3], empty]).to(dtype)  # as conditions.STAGE1
             x_i = add_noise(latents[i:i + 1], t[:1], noise[:1], alphas_cumprod)
             x_anchors = add_noise(latents[anchors], t[1:], noise[1:], alphas_cumprod)
-            eps = conditions.predict(sd.unet, table, conditions.stage1_rows(x_i, t[:1], x_anchors, t[1:], with_dd))
+            rows = conditions.stage1_rows(x_i, t[:1], x_anchors, t[1:], with_dd)
+            eps, rec = conditions.for_losses(conditions.predict(sd.unet, table, rows), rows, latents[i:i + 1],
+                                             noise[:1], alphas_cumprod, prediction_type)
             pd_features = None
             if args.pd_weight > 0:
                 pd_features = (encoder.pooled_from_hidden(hidden[3:], ids[3:]).float(), f_s, f_g)
-            terms = accord_losses.loss_terms(eps, noise[:1], t[:1], alphas_cumprod, args.dd_space, pd_features)
+            terms = accord_losses.loss_terms(eps, noise[:1], t[:1], alphas_cumprod, args.dd_space, pd_features, rec)
             loss = accord_losses.total(terms, weights)
             values, ms = training.record(step, loss, terms, rng_before, t0)
             bar.set_postfix({**{k: f"{v:.4f}" for k, v in values.items()}, "ms/step": f"{ms:.0f}"})
@@ -211,16 +222,18 @@ def main(argv=None):
         # -----------------------------------------------------------------------------------------
         # save
         run.save_tokens(args.out, target, residual, {
-            "format": "conceptprism-tokens-v1", "target_token": run.TARGET_TOKEN, "target_vectors": args.target_vectors,
+            "format": "conceptprism-tokens-v1", "target_token": args.token, "target_vectors": args.target_vectors,
             "images": refs.names, "captions": captions, "residuals_per_image": args.residuals, "steps": args.steps,
             "settings": settings})
         training.save(args.steps)
-        if args.val_steps > 0:
+        if args.val_steps != 0:
+            prompts = [run.with_target_token(prompt, args.token) for prompt in sd.prompts]
             with progress_bar("validation grid") as progress:
-                images = generate(sd, sd.prompts, extra_embeddings().detach(), seed=args.seed, steps=args.val_steps,
-                                  guidance=sd.guidance, resolution=resolution, progress=progress)
+                images = generate(sd, prompts, extra_embeddings().detach(), seed=args.seed, steps=args.val_steps,
+                                  guidance=sd.guidance, resolution=resolution, progress=progress,
+                                  sampler=args.val_sampler, prediction_type=prediction_type)
             save_png(grid(images, columns=len(sd.prompts)), os.path.join(args.out, "stage1_grid.png"))
-    print(f"stage 1 done: {args.out}/{run.TOKENS_FILE} (target token <v> also in v.diffusers.safetensors "
+    print(f"stage 1 done: {args.out}/{run.TOKENS_FILE} (target token {args.token} also in v.diffusers.safetensors "
           "and v.a1111.safetensors)")
 
 

@@ -4,8 +4,9 @@ optionally with ACCORD's DDLoss.
     python stage2_lora.py --out runs/dog
 
 Reads tokens.safetensors from the run folder stage 1 wrote and trains rank-4 LoRA on to_q, to_k,
-to_v and to_out.0 of every attention layer with L_ft = ||eps - U_lora(z_t^i, t, E("<v> <r_i>"))||^2.
-The tokens are frozen, so every condition's text embedding is computed once before the loop.
+to_v and to_out.0 of every attention layer with L_ft = ||eps - U_lora(z_t^i, t, E("<v> <r_i>"))||^2
+(for a v-prediction model, stage 1's prediction type, the target is v_t instead of eps). The token
+keeps the name stage 1 gave it (--token). The tokens are frozen, so every condition's text embedding is computed once before the loop.
 Writes the LoRA in the diffusers/PEFT layout (lora.peft.safetensors) and the kohya/A1111 layout
 (lora.kohya.safetensors).
 """
@@ -20,7 +21,7 @@ import accord_losses
 import model
 from model import conditions, lora, run
 from model.data import list_images, load_images
-from model.generate import generate, grid, progress_bar, save_png
+from model.generate import SAMPLERS, generate, grid, progress_bar, save_png
 from model.schedule import add_noise
 from model.training import Training
 
@@ -59,11 +60,14 @@ def parse_args(argv=None):
     system.add_argument("--precision", choices=list(run.PRECISIONS), default=None, help="frozen model dtype "
                         "(default bf16 on CUDA, fp32 on CPU)")
     system.add_argument("--device", default=None, help="default cuda when available")
-    system.add_argument("--val_steps", type=int, default=50, help="DDIM steps of the final validation grid "
-                        "(0 = no grid)")
+    system.add_argument("--val_sampler", choices=list(SAMPLERS), default="ddim", help="sampler of the final "
+                        "validation grid")
+    system.add_argument("--val_steps", type=int, default=None, help="sampler steps of the final validation grid "
+                        "(default: 50 for ddim, 25 for dpm++; 0 = no grid)")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.lr <= 0 or args.batch < 1 or args.rank < 1 or args.dd_weight < 0:
-        raise model.UserError("--steps, --batch and --rank must be >= 1, --lr > 0, --dd_weight >= 0")
+    if args.steps < 1 or args.lr <= 0 or args.batch < 1 or args.rank < 1 or args.dd_weight < 0 or \
+            (args.val_steps or 0) < 0:
+        raise model.UserError("--steps, --batch and --rank must be >= 1, --lr > 0, --dd_weight and --val_steps >= 0")
     return args
 
 
@@ -83,21 +87,24 @@ def main(argv=None):
         raise model.UserError(f"the images in {images} are not the ones stage 1 learned from "
                               f"({len(meta['images'])} files: {', '.join(meta['images'][:3])}, ...)")
     model_path = run.find_model(args.out, args.model, stage1, model.DEFAULT_MODEL)
-    print(f"stage 2: LoRA for {run.TARGET_TOKEN} of run folder {args.out}, photos in {images}")
+    token = run.token_name(meta)
+    print(f"stage 2: LoRA for {token} of run folder {args.out}, photos in {images}")
     print(f"model: {run.describe_model(model_path, model.DEFAULT_MODEL)} on {device}, {precision}")
     sd = model.load(model_path, device, dtype)
+    prediction_type = run.set_prediction_type(sd, stage1.get("prediction_type"), model_path)
+    run.check_token_width(target, sd, args.out)
     resolution = stage1.get("resolution") or sd.resolution
     refs = load_images(images, resolution, None)
     n, per_image = residual.shape[:2]
     residual_tokens = run.residual_names(n, per_image)
-    sd.tokenizer.add_multi_vector_token(run.TARGET_TOKEN, len(target))
+    sd.tokenizer.add_multi_vector_token(token, len(target))
     sd.tokenizer.add_tokens(sum(residual_tokens, []))
     extra = torch.cat([target, residual.flatten(0, 1)]).to(device, dtype)
     with_dd = args.dd_weight > 0
 
     # Frozen tokens: every condition's embedding once, in conditions.stage2_table_layout's order.
     with_r = [" ".join(r) for r in residual_tokens]
-    prompts = [f"{run.TARGET_TOKEN} {r}" for r in with_r] + with_r + [run.TARGET_TOKEN, ""]
+    prompts = [f"{token} {r}" for r in with_r] + with_r + [token, ""]
     with torch.no_grad():
         table = sd.text_encoder(sd.tokenizer(prompts).to(device), extra_embeddings=extra)
         latents = torch.cat([sd.vae.encode(x[None].to(device, dtype))[0] for x in refs.images]) * sd.vae.scaling_factor
@@ -108,7 +115,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=precision == "fp16")
     generator = torch.Generator().manual_seed(args.seed)
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "out", "images", "model")}
-    settings.update(resolution=resolution, precision=precision, device=device,
+    settings.update(resolution=resolution, precision=precision, device=device, prediction_type=prediction_type,
                     model=run.model_name(model_path, model.DEFAULT_MODEL))  # no local path in shared files
 
     with Training(args.out, "stage2", params, optimizer, scaler, generator, args.steps, args.save_every, args.resume,
@@ -126,8 +133,10 @@ def main(argv=None):
             noise = torch.randn(args.batch, *latents.shape[1:], generator=generator).to(device, dtype)
             i, t = i.to(device), t.to(device)
             x = add_noise(latents[i], t, noise, alphas_cumprod)
-            eps = conditions.predict(sd.unet, table, conditions.stage2_rows(x, t, i, n, with_dd))
-            terms = accord_losses.loss_terms(eps, noise, t, alphas_cumprod, args.dd_space)
+            rows = conditions.stage2_rows(x, t, i, n, with_dd)
+            eps, rec = conditions.for_losses(conditions.predict(sd.unet, table, rows), rows, latents[i], noise,
+                                             alphas_cumprod, prediction_type)
+            terms = accord_losses.loss_terms(eps, noise, t, alphas_cumprod, args.dd_space, rec=rec)
             loss = accord_losses.total(terms, {"dd": args.dd_weight})
             values, ms = training.record(step, loss, terms, rng_before, t0)
             bar.set_postfix({**{k: f"{v:.4f}" for k, v in values.items()}, "ms/step": f"{ms:.0f}"})
@@ -139,10 +148,12 @@ def main(argv=None):
         lora.save_lora(sd.unet, os.path.join(args.out, "lora.peft.safetensors"), "peft", lora_meta)
         lora.save_lora(sd.unet, os.path.join(args.out, "lora.kohya.safetensors"), "kohya", lora_meta)
         training.save(args.steps)
-        if args.val_steps > 0:
+        if args.val_steps != 0:
+            val_prompts = [run.with_target_token(prompt, token) for prompt in sd.prompts]
             with progress_bar("validation grid") as progress:
-                pictures = generate(sd, sd.prompts, extra, seed=args.seed, steps=args.val_steps,
-                                    guidance=sd.guidance, resolution=resolution, progress=progress)
+                pictures = generate(sd, val_prompts, extra, seed=args.seed, steps=args.val_steps,
+                                    guidance=sd.guidance, resolution=resolution, progress=progress,
+                                    sampler=args.val_sampler, prediction_type=prediction_type)
             save_png(grid(pictures, columns=len(sd.prompts)), os.path.join(args.out, "stage2_grid.png"))
     print(f"stage 2 done: {args.out}/lora.peft.safetensors and lora.kohya.safetensors")
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model.schedule import epsilon_from, velocity
+
 # Stage 1's table of conditions for the chosen photo i (stage 2 builds its own, for every photo).
 STAGE1 = ("<v> <r_i>", "<v>", "<r_i>", "")
 PG, P, G, NULL = range(len(STAGE1))
@@ -55,6 +57,23 @@ def predict(unet, table, rows):
         with torch.no_grad():
             eps.update(unet_on(unet, table.detach(), stop))
     return {name: eps[name] for name in rows}
+
+
+def for_losses(outputs, rows, latents, noise, alphas_cumprod, prediction_type="epsilon"):
+    """What the losses read, whatever the UNet predicts: (eps, rec). `outputs` are predict()'s on
+    `rows`; `latents` and `noise` made the `rec` rows (z_t = add_noise(latents, t, noise)).
+
+    An epsilon model's outputs are the noise already: (outputs, None), and the reconstruction
+    compares eps["rec"] with `noise` (accord_losses.loss_terms' default). A v-prediction model (SD 2's
+    768-v) learns v_t, as its authors train it: rec = (outputs["rec"], velocity(latents, noise, t)),
+    the pair the reconstruction compares; and every other term (exclusion, DDLoss) reads noise,
+    so each group's output is converted with its own latents and timesteps (schedule.epsilon_from)."""
+    if prediction_type == "epsilon":
+        return outputs, None
+    eps = {name: epsilon_from(out, rows[name].x, rows[name].t, alphas_cumprod, prediction_type)
+           for name, out in outputs.items()}
+    target = velocity(latents, noise, rows["rec"].t, alphas_cumprod).float()
+    return eps, (outputs["rec"], target)
 
 
 def stage1_rows(x_i, t_i, x_anchors, t_anchors, with_dd):

@@ -1,4 +1,5 @@
-"""Prompts -> images with the learned tokens: text encoder, DDIM with guidance, VAE decode, PNGs.
+"""Prompts -> images with the learned tokens: text encoder, DDIM or DPM-Solver++ with guidance,
+VAE decode, PNGs.
 
 Shared by sample.py and the validation grids at the end of each training stage.
 """
@@ -12,7 +13,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from model.errors import UserError
-from model.schedule import ddim_sample
+from model.schedule import PREDICTION_TYPES, ddim_sample, dpm_sample
+
+# sampler name -> (function, default steps): DDIM 50 is SD's usual setting; DPM-Solver++ 2M at 25
+# steps is the ConceptPrism authors' (DPMSolverMultistepScheduler.from_config of SD's config).
+SAMPLERS = {"ddim": (ddim_sample, 50), "dpm++": (dpm_sample, 25)}
 
 
 @torch.no_grad()
@@ -25,11 +30,21 @@ def encode_prompts(sd, prompts, extra_embeddings=None):
 
 
 @torch.no_grad()
-def generate(sd, prompts, extra_embeddings=None, seed=0, steps=50, guidance=7.5, resolution=512, batch=4,
-             progress=None):
+def generate(sd, prompts, extra_embeddings=None, seed=0, steps=None, guidance=7.5, resolution=512, batch=4,
+             progress=None, sampler="ddim", prediction_type=None):
     """Images in [0, 1], [len(prompts), 3, H, W] float32 on the CPU. Each image's starting noise
     depends only on the seed and its position, so a run is reproducible batch size aside.
-    `progress(done, total)` is called after every DDIM step of every batch (total = batches x steps)."""
+    `sampler` is a name in SAMPLERS; steps None is its default (DDIM 50, DPM-Solver++ 25).
+    `prediction_type` (default: the model's, sd.prediction_type) says what the UNet predicts.
+    `progress(done, total)` is called after every sampler step of every batch (total = batches x steps)."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    sample, default_steps = SAMPLERS[sampler]
+    steps = steps or default_steps
+    prediction_type = prediction_type or sd.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise UserError("the model does not say what its UNet predicts: pass --prediction_type (v_prediction for "
+                        "SD 2.x 768-v, epsilon for a 512 base model)")
     weight = sd.unet.out[2].weight
     latent = resolution // 2 ** (len(sd.vae.config.ch_mult) - 1)  # SD's VAE: 8x smaller
     generator = torch.Generator().manual_seed(seed)
@@ -43,8 +58,9 @@ def generate(sd, prompts, extra_embeddings=None, seed=0, steps=50, guidance=7.5,
         uncond = uncond_one.expand(len(chunk), -1, -1)
         before = start // batch * steps
         step_done = None if progress is None else (lambda done, _, before=before: progress(before + done, total))
-        z = ddim_sample(sd.unet, cond, uncond, noise[start:start + batch].to(weight.device, weight.dtype),
-                        sd.alphas_cumprod, steps=steps, guidance=guidance, progress=step_done)
+        z = sample(sd.unet, cond, uncond, noise[start:start + batch].to(weight.device, weight.dtype),
+                   sd.alphas_cumprod, steps=steps, guidance=guidance, progress=step_done,
+                   prediction_type=prediction_type)
         x = sd.vae.decode(z / sd.vae.scaling_factor)
         images.append((x.float() / 2 + 0.5).clamp(0, 1).cpu())
     return torch.cat(images)
@@ -84,7 +100,7 @@ def save_png(pil_image, path):
 
 @contextlib.contextmanager
 def progress_bar(desc):
-    """A tqdm bar over generate()'s DDIM steps: `with progress_bar("sampling") as p: generate(...,
+    """A tqdm bar over generate()'s sampler steps: `with progress_bar("sampling") as p: generate(...,
     progress=p)`. Sampling SD1.5 on a loaded machine can take minutes; the bar shows it is working."""
     with tqdm(desc=desc, unit="step", dynamic_ncols=True) as bar:
         def update(done, total):

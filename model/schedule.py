@@ -53,6 +53,17 @@ def velocity(latents, noise, t, alphas_cumprod):
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
+def epsilon_from(output, z_t, t, alphas_cumprod, prediction_type):
+    """The noise a UNet output stands for, one timestep per row: the output itself for an epsilon
+    model; for a v model, eps = sqrt(abar_t) v + sqrt(1 - abar_t) z_t (from z_t = sqrt(abar_t) z +
+    sqrt(1 - abar_t) eps and v = sqrt(abar_t) eps - sqrt(1 - abar_t) z). float32 for a v model."""
+    _check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return output
+    abar = alphas_cumprod.to(output.device, torch.float32)[t].view(-1, *[1] * (output.dim() - 1))
+    return abar.sqrt() * output.float() + (1 - abar).sqrt() * z_t.float()
+
+
 def _check_prediction_type(prediction_type):
     if prediction_type not in PREDICTION_TYPES:
         raise UserError(f"prediction type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")

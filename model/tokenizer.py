@@ -149,7 +149,8 @@ class Tokenizer:
                 raise UserError(f"token {token!r} must be one word without spaces, like <v>")
             # Stored normalised: the prompt is lowercased before it is searched for added tokens.
             content = self.backend.normalizer.normalize_str(token)
-            if self.backend.token_to_id(content) is not None:
+            # a word of the vocabulary ("dog</w>") or a piece of one ("dog"): prompts already use its id
+            if self.backend.token_to_id(content) is not None or self.backend.token_to_id(content + "</w>") is not None:
                 raise UserError(f"token {token!r} is already in the vocabulary: pick a new string like <v>")
             self.backend.add_tokens([AddedToken(content, special=False, normalized=True)])
             ids.append(self.backend.token_to_id(content))
