@@ -89,6 +89,11 @@ def caption(attrs):
     return f"a {attrs['size']} {obj} on {ground}, {attrs['position']}"
 
 
+def scene_caption(attrs):
+    """What a caption says of the photo's setting alone: "an orange gradient background, top left"."""
+    return f"{background_words(attrs['background'], attrs['background_style'])}, {attrs['position']}"
+
+
 def loose_caption(attrs, rng):
     """A partial description of the same image, as people write them: some of the object's words
     (size, colour, pattern, shape; at least one), maybe the background, maybe the place, in any
@@ -240,12 +245,16 @@ def reference_set(concept, n, rng, scenario="distinct"):
 
 
 def write_folder(folder, images, captions):
-    """A reference folder in the kohya layout the scripts read: 01.png with its caption in 01.txt."""
+    """A reference folder in the kohya layout the scripts read: 01.png with its caption in 01.txt.
+    Returns the image file names."""
     os.makedirs(folder, exist_ok=True)
+    names = []
     for k, (image, text) in enumerate(zip(images, captions), 1):
-        Image.fromarray(image).save(os.path.join(folder, f"{k:02d}.png"))
+        names.append(f"{k:02d}.png")
+        Image.fromarray(image).save(os.path.join(folder, names[-1]))
         with open(os.path.join(folder, f"{k:02d}.txt"), "w") as f:
             f.write(text + "\n")
+    return names
 
 
 def to_tensor(images):
