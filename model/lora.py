@@ -97,12 +97,13 @@ def _without_lora(m: LoRALinear):
     return plain
 
 
-def merge_lora(unet):
-    """Fold each LoRA into its base weight (computed in fp32) and restore plain Linears: sampling
-    then costs nothing extra. Further training needs a new add_lora."""
+def merge_lora(unet, scale=1.0):
+    """Fold each LoRA into its base weight, W += scale * (alpha / rank) * up @ down (computed in fp32),
+    and restore plain Linears: sampling then costs nothing extra. Several LoRAs add up: load and
+    merge one after the other, each with its own `scale`. Further training needs a new add_lora."""
     for name, m in _lora_modules(unet).items():
         with torch.no_grad():
-            delta = m.scale * (m.lora_up.float() @ m.lora_down.float())
+            delta = (m.scale * scale) * (m.lora_up.float() @ m.lora_down.float())
             m.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))
         _replace(unet, name, _without_lora(m))
 
