@@ -1,6 +1,7 @@
 """Stable Diffusion 2.x against diffusers/transformers with the same random weights: the OpenCLIP text
 tower (23 of 24 blocks, GELU, fused q/k/v in the original file), the UNet with linear projections and
-64-wide heads, the VAE, through both checkpoint layouts; what a checkpoint says about v prediction."""
+64-wide heads, the VAE, through both checkpoint layouts; what a checkpoint says about v prediction; the
+three scripts on a tiny SD 2 with v prediction, and their exports in diffusers."""
 import json
 import os
 
@@ -10,8 +11,12 @@ from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusio
 from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+import accord_losses
 import model
-from model import clip, unet, vae
+import sample
+import stage1_tokens
+import stage2_lora
+from model import clip, conditions, lora, run, unet, vae
 from model.loader import SCHEDULE_KEYS, save_safetensors
 from model.tokenizer import write_vocab_files
 from tests import helpers
@@ -287,3 +292,89 @@ def openclip_original_from_state(ref):
         def state_dict(self):
             return ref
     return openclip_original(Holder())
+
+
+# -------------------------------------------------------------------------------------------------
+# the scripts on a tiny SD 2 file that does not say what it predicts (as SD 2's releases without
+# global_step): stage 1 -> stage 2 -> sample with v prediction, and what other tools load
+
+def test_v_prediction_losses_read_noise_and_learn_v():
+    """A UNet whose every output is the true v_t of its rows: the reconstruction (against v_t) is
+    zero, and the exclusion and DDLoss rows read exactly the noise that made their latents."""
+    gen = torch.Generator().manual_seed(0)
+    abar = model.schedule.alphas_cumprod()
+    z, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    t = torch.tensor([5, 500, 990])
+    x = model.schedule.add_noise(z, t, noise, abar)
+    rows = conditions.stage1_rows(x[:1], t[:1], x[1:], t[1:], with_dd=True)
+    v = model.schedule.velocity(z, noise, t, abar)
+    outputs = {"rec": v[:1], "p": v[:1], "g": v[:1], "null": v[:1], "anchor_g": v[1:], "anchor_null": v[1:]}
+    eps, rec = conditions.for_losses(outputs, rows, z[:1], noise[:1], abar, "v_prediction")
+    assert rec[0] is outputs["rec"] and torch.equal(rec[1], v[:1])
+    for name, expected in (("rec", noise[:1]), ("g", noise[:1]), ("anchor_g", noise[1:])):
+        assert rel_err(eps[name], expected) <= 1e-5, name
+    terms = accord_losses.loss_terms(eps, noise[:1], t[:1], abar, rec=rec)
+    assert terms["rec"] == 0
+    # an epsilon model's predictions pass through untouched, and the reconstruction reads the noise
+    same, none = conditions.for_losses(outputs, rows, z[:1], noise[:1], abar, "epsilon")
+    assert same is outputs and none is None
+
+
+@pytest.fixture(scope="module")
+def sd2_file(tmp_path_factory):
+    """(the tiny SD 2 pipeline, its weights as an original single file without global_step)."""
+    root = tmp_path_factory.mktemp("sd2file")
+    pipe = tiny_sd2(str(root))
+    path = str(root / "sd2.safetensors")
+    save_safetensors(original_file(pipe), path)
+    return pipe, path
+
+
+def test_a_file_that_does_not_say_needs_prediction_type(sd2_file, tmp_path):
+    _, path = sd2_file
+    images = helpers.photo_folder(tmp_path / "photos", n=2)
+    message = helpers.user_error(stage1_tokens.main, "--images", images, "--model", path, "--out",
+                                 tmp_path / "out", "--resolution", 32)
+    assert "--prediction_type v_prediction" in message and "epsilon" in message
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.slow  # stage 1, stage 2, sampling and diffusers' loaders: 6 s
+def test_sd2_v_prediction_end_to_end_and_exports_load_in_diffusers(sd2_file, tmp_path):
+    pipe, path = sd2_file
+    images, out = helpers.photo_folder(tmp_path / "photos", n=3), str(tmp_path / "run")
+    helpers.run_main(stage1_tokens.main, "--images", images, "--model", path, "--out", out, "--steps", 3,
+                     "--prediction_type", "v_prediction", "--resolution", 32, "--token", "<toy>", "--dd_weight", 0.1,
+                     "--val_sampler", "dpm++", "--val_steps", 2)
+    helpers.run_main(stage2_lora.main, "--out", out, "--steps", 2, "--dd_weight", 0.1, "--val_steps", 2)
+    helpers.run_main(sample.main, "--out", out, "--n", 1, "--sampler", "dpm++", "--steps", 3,
+                     "--prompt", "a photo of <toy> on the beach")
+    target, _, meta = run.load_tokens(out)
+    assert target.shape == (1, 64) and meta["target_token"] == "<toy>"
+    assert meta["settings"]["prediction_type"] == "v_prediction" and meta["settings"]["resolution"] == 32
+    with open(os.path.join(out, "stage1_log.jsonl")) as f:
+        assert {"rec", "excl", "dd"} <= set(json.loads(f.readline()))
+    for grid_file in ("stage1_grid.png", "stage2_grid.png", "samples/000/grid.png"):
+        assert os.path.exists(os.path.join(out, grid_file)), grid_file
+    with open(os.path.join(out, "samples", "000", "settings.json")) as f:
+        settings = json.load(f)
+    assert (settings["sampler"], settings["steps"], settings["prediction_type"], settings["token"], settings["lora"]) \
+        == ("dpm++", 3, "v_prediction", "<toy>", True)
+
+    # diffusers reads the token under its stored name (the export's key) and the LoRA, and computes what we do
+    sd = model.load(path)
+    sd.tokenizer.add_tokens(["<toy>"])
+    prompt = "a photo of <toy> on the beach"
+    pipe.load_textual_inversion(os.path.join(out, "v.diffusers.safetensors"))
+    ids = pipe.tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert torch.equal(ids, sd.tokenizer([prompt])) and ids[0, 4] == 49408
+    with torch.no_grad():
+        assert rel_err(sd.text_encoder(ids, extra_embeddings=target), pipe.text_encoder(ids).last_hidden_state) <= 1e-5
+    pipe.unload_textual_inversion()
+    lora.load_lora(sd.unet, os.path.join(out, "lora.peft.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    x, t, c = torch.randn(2, 4, 4, 4, generator=gen), torch.tensor([20, 700]), torch.randn(2, 77, 64, generator=gen)
+    pipe.load_lora_weights(os.path.join(out, "lora.peft.safetensors"))
+    with torch.no_grad():
+        assert rel_err(sd.unet(x, t, c), pipe.unet(x, t, c).sample) <= 1e-5
+    pipe.unload_lora_weights()
