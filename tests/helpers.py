@@ -194,3 +194,15 @@ def photo_folder(path, n=3, captions=True):
             with open(os.path.join(path, f"{i:02d}.txt"), "w") as f:
                 f.write(f"a toy on a {['red', 'green', 'blue', 'white'][i % 4]} table")
     return str(path)
+
+
+def tokens_folder(out, token="<v>", width=32, vectors=1, seed=0):
+    """A run folder holding only what stage 1 writes about its token (random vectors, named `token`):
+    enough for the checks sample.py makes before it loads a model."""
+    from model import run
+    os.makedirs(out, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    run.save_tokens(str(out), torch.randn(vectors, width, generator=gen), torch.randn(2, 8, width, generator=gen),
+                    {"target_token": token, "target_vectors": vectors, "images": ["00.jpg", "01.jpg"],
+                     "settings": {"model": "default"}})
+    return str(out)
