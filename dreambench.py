@@ -38,11 +38,12 @@ import stage1_tokens
 import stage2_lora
 from model import lora, metrics, run
 from model.data import IMAGE_EXTENSIONS, center_square, read_rgb
-from model.generate import generate, grid, save_png, to_pil
+from model.generate import SAMPLERS, generate, grid, save_png, to_pil
 
 PROMPTS_FILE = "prompts_and_classes.txt"
 # What changes the generated images: a run folder made with other values must not be reused.
-IMAGE_SETTINGS = ("model", "stage1", "stage2", "no_stage2", "class_word", "seed", "sample_steps", "guidance")
+IMAGE_SETTINGS = ("model", "stage1", "stage2", "no_stage2", "class_word", "seed", "sampler", "sample_steps",
+                  "guidance")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -70,7 +71,10 @@ def parse_args(argv=None):
     # stops: under torchrun write --images_per_prompt.
     sampling.add_argument("--n", "--images_per_prompt", dest="n", type=int, default=4, help="images per prompt")
     sampling.add_argument("--seed", type=int, default=42, help="stage seed; prompt NN samples from seed + NN")
-    sampling.add_argument("--sample_steps", type=int, default=50, help="DDIM steps")
+    sampling.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="DDIM, or DPM-Solver++ 2M (the "
+                          "ConceptPrism authors' sampler, with --sample_steps 25)")
+    sampling.add_argument("--sample_steps", type=int, default=None, help="sampler steps (default: 50 for ddim, 25 "
+                          "for dpm++)")
     sampling.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the "
                           "model's, 7.5 for SD)")
     sampling.add_argument("--batch", type=int, default=4, help="images per sampling batch")
@@ -82,6 +86,8 @@ def parse_args(argv=None):
     scoring.add_argument("--live_classes", default="cat,dog", help="class words of the live subjects")
     scoring.add_argument("--sheet_prompts", type=int, default=4, help="prompts shown on each contact sheet")
     args = p.parse_args(argv)
+    if args.sample_steps is None:
+        args.sample_steps = SAMPLERS[args.sampler][1]
     if min(args.n, args.sample_steps, args.batch) < 1 or args.sheet_prompts < 0:
         raise model.UserError("--n, --sample_steps and --batch must be >= 1, --sheet_prompts >= 0")
     for flags, stage, owned in ((args.stage1, "--stage1", ("--images", "--out", "--resume", "--overwrite")),
@@ -185,15 +191,20 @@ def sample(args, run_dir, jobs, device):
     device, _, dtype = run.device_and_dtype(device, None)
     target, _, meta = run.load_tokens(run_dir)
     sd = model.load(args.model, device, dtype)  # the model stage 1 was given: the settings check ensures it
-    resolution = meta.get("settings", {}).get("resolution") or sd.resolution
-    sd.tokenizer.add_multi_vector_token(run.TARGET_TOKEN, len(target))
+    stage1 = meta.get("settings", {})
+    prediction_type = run.set_prediction_type(sd, stage1.get("prediction_type"), args.model)  # stage 1's answer
+    resolution = stage1.get("resolution") or sd.resolution
+    token = run.token_name(meta)  # a --token passed through --stage1 renames <v> in the prompts too
+    sd.tokenizer.add_multi_vector_token(token, len(target))
     if not args.no_stage2:
         lora.load_lora(sd.unet, os.path.join(run_dir, "lora.peft.safetensors"))
         lora.merge_lora(sd.unet)
     guidance = args.guidance if args.guidance is not None else sd.guidance
     for folder, prompt, seed in todo:
-        images = generate(sd, [prompt] * args.n, target.to(device, dtype), seed=seed, steps=args.sample_steps,
-                          guidance=guidance, resolution=resolution, batch=args.batch)
+        prompt = run.with_target_token(prompt, token)
+        images = generate(sd, [prompt] * args.n, target.to(device, dtype), seed=seed,
+                          steps=args.sample_steps, guidance=guidance, resolution=resolution, batch=args.batch,
+                          sampler=args.sampler, prediction_type=prediction_type)
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "prompt.txt"), "w") as f:
             f.write(f"{prompt}\nseed {seed}\n")
@@ -357,7 +368,7 @@ def main(argv=None):
         f"{method}; model {os.path.basename(settings['model'])}; stage 1 flags '{args.stage1}', stage 2 flags "
         f"'{'' if args.no_stage2 else args.stage2}'.  \nPrompts: {len(prompt_ids)} per subject, e.g. '{example[0]}' "
         f"({'class word after the token' if args.class_word else 'no class word after the token, as the ConceptPrism authors'}); "
-        f"CLIP-T reads '{example[1]}'. {args.n} images per prompt, DDIM {args.sample_steps}, guidance "
+        f"CLIP-T reads '{example[1]}'. {args.n} images per prompt, {args.sampler} {args.sample_steps} steps, guidance "
         f"{'the model default' if args.guidance is None else args.guidance}, prompt NN from seed {args.seed} + NN.  \n"
         f"Scores: mean pairwise cosine; DINO {args.dino} (CLS token, short side 256 bicubic, crop 224, ImageNet "
         f"mean/std), CLIP-I and CLIP-T {args.clip} (CLIP's preprocessing). Means weigh every subject the same; "

@@ -260,6 +260,18 @@ def one_thread():
 
 
 @pytest.mark.slow
+def test_a_named_token_and_dpm_solver(bench, scoring_models, tmp_path, one_thread):
+    """Stage-1 flags pass through (--token renames <v> in the prompts too); --sampler reaches sampling."""
+    out = tmp_path / "out"
+    argv = bench_args(bench, scoring_models, out, "--subjects", "purple_heart", "--no_stage2", "--sampler", "dpm++")
+    argv[argv.index("--stage1") + 1] += " --token <toy>"
+    helpers.run_main(dreambench.main, *argv)
+    prompt_dir = out / "images" / "purple_heart" / "00_a_in_the_jungle"
+    assert (prompt_dir / "prompt.txt").read_text().splitlines()[0] == "a <toy> in the jungle"
+    assert "dpm++ 3 steps" in (out / "table.md").read_text()
+
+
+@pytest.mark.slow
 def test_end_to_end_and_resume(bench, scoring_models, tmp_path, monkeypatch, one_thread):
     out = tmp_path / "out"
     helpers.run_main(dreambench.main, *bench_args(bench, scoring_models, out))
