@@ -167,10 +167,9 @@ def main(argv=None):
         prompts = [run.with_target_token(p, tokens[0]) for p in (args.prompt or sd.prompts)]
     else:
         prompts = list(args.prompt)
-    for prompt in prompts:
-        missing = [token for token in tokens if token.lower() not in prompt.lower()]
-        if missing:
-            run.warn(f"prompt '{prompt}' does not contain {' or '.join(missing)}: it will not show that concept")
+    for prompt in prompts:  # with several runs a prompt may name any of them
+        if not any(token.lower() in prompt.lower() for token in tokens):
+            run.warn(f"prompt '{prompt}' contains no {' or '.join(tokens)}: it will show no learned concept")
         if sd.tokenizer.count(prompt) > 75:
             run.warn(f"prompt '{prompt[:40]}...' is longer than 75 tokens and will be cut")
 
