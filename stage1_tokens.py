@@ -52,6 +52,10 @@ def parse_args(argv=None):
     method.add_argument("--target_vectors", type=int, default=1, help="vectors <v> stands for (1 in both papers)")
     method.add_argument("--residuals", type=int, default=8, help="residual tokens per image (0: textual inversion, "
                         "<v> alone)")
+    method.add_argument("--residual_init", choices=["context", "words"], default="context", help="where each "
+                        "photo's residuals start: the mean of its caption's text-encoder outputs (the authors'; "
+                        "vectors far larger than a word's: 33x on the toy model), or the mean of its caption's "
+                        "word embeddings (a word's scale)")
     method.add_argument("--beta", type=float, default=0.05, help="weight of the cross-image exclusion loss")
     method.add_argument("--dd_weight", type=float, default=0.0, help="ACCORD DDLoss weight (0 = off; paper: 0.1-0.3)")
     method.add_argument("--dd_space", choices=["eps", "xprev"], default="eps", help="DDLoss in epsilon space (w_t "
@@ -150,9 +154,10 @@ def main(argv=None):
         init_gen = torch.Generator().manual_seed(args.seed)
         target0 = vocabulary.mean(0) + vocabulary.std(0) * torch.randn(args.target_vectors, vocabulary.shape[1],
                                                                        generator=init_gen).to(vocabulary.device)
-        # Residuals start at the mean of the caption's contextual embeddings (BOS < position < first EOS).
+        # Residuals start at the mean over the caption's tokens (BOS < position < first EOS) of its
+        # contextual embeddings, or with --residual_init words of its word embeddings.
         ids = sd.tokenizer([c or NEUTRAL_CAPTION for c in captions]).to(device)  # an empty caption has no tokens
-        hidden = encoder(ids).float()
+        hidden = encoder(ids).float() if args.residual_init == "context" else vocabulary[ids]
         position = torch.arange(ids.shape[1], device=device)[None]
         first_eos = (ids == sd.tokenizer.eos_id).int().argmax(1, keepdim=True)
         inside = (position > 0) & (position < first_eos)

@@ -270,3 +270,22 @@ def test_stage1_keeps_the_text_encoder_in_fp32(tiny_model, tmp_path, monkeypatch
     assert {p.dtype for p in sd.text_encoder.parameters()} == {torch.float32}
     assert {p.dtype for p in sd.unet.parameters()} == {torch.bfloat16}
     assert os.path.exists(tmp_path / "out" / "stage1_grid.png")
+
+
+@pytest.mark.parametrize("init", ["context", "words"])
+def test_residuals_start_where_residual_init_says(tiny_model, tmp_path, init):
+    """Each photo's residuals start at the mean over its caption's tokens of the text encoder's outputs
+    (context) or of the word embeddings (words); one step at lr 1e-7 leaves them there."""
+    folder = photo_folder(tmp_path / "photos", n=2)
+    stage1_ok(tiny_model, folder, tmp_path / "out", "--residual_init", init, "--residuals", 2, "--lr", 1e-7)
+    _, residual, meta = run.load_tokens(str(tmp_path / "out"))
+    sd = model.load(tiny_model)
+    expected = []
+    for caption in meta["captions"]:
+        words = sd.tokenizer.token_ids(caption)  # the caption's tokens, without start and end
+        ids = sd.tokenizer([caption])
+        with torch.no_grad():
+            vectors = sd.text_encoder(ids)[0, 1:1 + len(words)] if init == "context" else \
+                sd.text_encoder.embeddings.token_embedding.weight[torch.tensor(words)]
+        expected += [vectors.float().mean(0)] * 2
+    assert rel_err(residual.float().flatten(0, -2), torch.stack(expected)) <= 1e-4

@@ -85,6 +85,9 @@ EXPERIMENTS = {  # rows outside the default run (name them in --methods): why Co
     # The toy captions name every attribute of the subject, so the residuals start out holding it
     # (they start at the caption's embedding); the paper's VLM captions describe the whole scene.
     "ConceptPrism stage 1 (scene captions)": (["--captions", SCENE], None),
+    # The residuals start as text-encoder outputs, 33x a word embedding's norm, and move ~3% of it
+    # in 400 steps: they may outweigh <v> in "<v> <r_i>" from the first step.
+    "ConceptPrism stage 1 (word-scale residuals)": (["--residual_init", "words"], None),
 }
 ROWS = {**METHODS, **EXPERIMENTS}
 BASE_RATE = "words"
