@@ -34,6 +34,7 @@ def test_gpu_report_without_cuda_skips_every_phase(tmp_path, capsys, monkeypatch
         gpu_report.main([str(tmp_path / "out"), "--phases", "tests,tests2"])
 
 
+@pytest.mark.slow  # a subprocess: 1 s
 def test_gpu_report_phase_failure_is_written_and_the_budget_kills(tmp_path, monkeypatch):
     """A phase that fails, and one that outlives its budget: each one's error is in its file."""
     monkeypatch.setattr(gpu_report, "phase_command", lambda name, out: [

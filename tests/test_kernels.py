@@ -184,7 +184,7 @@ def test_autotune_prunes_configs_over_shared_memory():
 def test_indexed_gradients_are_summed_without_atomics(monkeypatch):
     """Per-condition dK, dV sums in a fixed order: index_add_ would add with atomics on CUDA."""
     monkeypatch.setattr(torch.Tensor, "index_add_", refuse)
-    inputs = attention_inputs((5, 1, 30, 77, 40, [0, 3, 3, 0, 1], "blhd"), torch.float32)
+    inputs = attention_inputs((4, 1, 20, 40, 16, [0, 3, 3, 0], "blhd"), torch.float32)
     q, k, v, grad_out, index = inputs
     runs = [outputs_and_grads(attention, [q, k, v], grad_out, kv_index=index) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
@@ -228,10 +228,10 @@ def test_group_norm_silu_matches_reference(case, dtype):
 
 
 def test_group_norm_silu_without_affine():
-    x = torch.randn(2, 32, 5, 5, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    x = torch.randn(2, 12, 5, 5, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     g = torch.randn_like(x)
-    ours = outputs_and_grads(lambda x: group_norm_silu(x, 8), [x], g)
-    ref = outputs_and_grads(lambda x: group_norm_silu_ref(x, 8), [x.double()], g.double())
+    ours = outputs_and_grads(lambda x: group_norm_silu(x, 3), [x], g)
+    ref = outputs_and_grads(lambda x: group_norm_silu_ref(x, 3), [x.double()], g.double())
     for o, r in zip(ours, ref):
         assert rel_err(o, r) <= 1e-5
 

@@ -38,6 +38,7 @@ def finished_run(tiny_model, tmp_path_factory):
 # -------------------------------------------------------------------------------------------------
 # end to end, and what other tools load
 
+@pytest.mark.slow  # stage 1, stage 2 and sampling: 6 s with the next test
 def test_every_output_exists_and_loads(finished_run):
     out = finished_run
     target, residual, meta = run.load_tokens(out)
@@ -63,6 +64,7 @@ def test_every_output_exists_and_loads(finished_run):
     assert "a photo of <v> on the beach" in open(os.path.join(samples, "prompts.txt")).read()
 
 
+@pytest.mark.slow  # 3 s on top of the run above
 def test_diffusers_loads_our_token_and_lora(finished_run, tiny_model, pipe):
     """diffusers' own loaders accept the exports, and compute what we compute."""
     out = finished_run
@@ -272,7 +274,7 @@ def test_stage1_keeps_the_text_encoder_in_fp32(tiny_model, tmp_path, monkeypatch
     assert os.path.exists(tmp_path / "out" / "stage1_grid.png")
 
 
-@pytest.mark.parametrize("init", ["context", "words"])
+@pytest.mark.parametrize("init", [pytest.param("context", marks=pytest.mark.slow), "words"])
 def test_residuals_start_where_residual_init_says(tiny_model, tmp_path, init):
     """Each photo's residuals start at the mean over its caption's tokens of the text encoder's outputs
     (context) or of the word embeddings (words); one step at lr 1e-7 leaves them there."""

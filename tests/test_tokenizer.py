@@ -86,6 +86,7 @@ def test_example_ids():
     assert tok.vocab_size == 49408 and tok.count("a photograph of an astronaut riding a horse") == 8
 
 
+@pytest.mark.slow  # 1000 prompts: 2.5 s
 def test_matches_transformers(files):
     texts = prompts()
     assert len(texts) >= 1000

@@ -120,6 +120,7 @@ def snapshot(folder):
             for d, _, files in os.walk(folder) for f in files}
 
 
+@pytest.mark.slow  # 3 s
 def test_sampling_again_keeps_every_earlier_result(trained, tmp_path, capsys):
     out = str(tmp_path / "run")
     shutil.copytree(trained[0], out)
