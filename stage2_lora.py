@@ -6,7 +6,8 @@ optionally with ACCORD's DDLoss.
 Reads tokens.safetensors from the run folder stage 1 wrote and trains rank-4 LoRA on to_q, to_k,
 to_v and to_out.0 of every attention layer with L_ft = ||eps - U_lora(z_t^i, t, E("<v> <r_i>"))||^2
 (for a v-prediction model, stage 1's prediction type, the target is v_t instead of eps). The token
-keeps the name stage 1 gave it (--token). The tokens are frozen, so every condition's text embedding is computed once before the loop.
+keeps the name stage 1 gave it (--token). The tokens are frozen, so every condition's text
+embedding is computed once before the loop.
 Writes the LoRA in the diffusers/PEFT layout (lora.peft.safetensors) and the kohya/A1111 layout
 (lora.kohya.safetensors).
 """
