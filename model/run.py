@@ -427,7 +427,7 @@ def save_tokens(out, target, residual, metadata):
     load: diffusers' load_textual_inversion ({"<v>": [n,width]}, under the token's name,
     metadata["target_token"]) and A1111/ComfyUI ({"emb_params": ...})."""
     target = target.detach().float().cpu()
-    token = metadata.get("target_token", TARGET_TOKEN)
+    token = token_name(metadata)
     save_safetensors({"target": target, "residual": residual.detach().float().cpu()},
                      os.path.join(out, TOKENS_FILE), {k: json.dumps(v) for k, v in metadata.items()})
     save_safetensors({token: target}, os.path.join(out, "v.diffusers.safetensors"))
