@@ -167,6 +167,14 @@ def test_toybench_under_torchrun_writes_the_table_of_one_process(tmp_path):
 
     assert len(results(outs["one"])) == 2 * 2 * 2  # scenarios x seeds x (words, DreamBooth-LoRA)
     assert results(outs["two"]) == results(outs["one"])
+    # A resumed run deals out only what is left: drop seed 1's rows and run the two ranks again.
+    kept = [line for line in results(outs["two"]) if json.loads(line)["seed"] == 0]
+    (outs["two"] / "results.jsonl").write_text("".join(line + "\n" for line in kept))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           os.path.join("toy", "toybench.py"), "--out", str(outs["two"]), *argv],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert results(outs["two"]) == results(outs["one"])
     assert open(outs["two"] / "table.md").read() == open(outs["one"] / "table.md").read()
     for scenario in toybench.SCENARIOS:
         grids = [np.asarray(Image.open(outs[name] / f"grid_{scenario}.png")) for name in outs]

@@ -39,7 +39,7 @@ any weights (stage1_tokens.py refuses --dd_weight with --residuals 0 for that re
 
 Results are appended to <out>/results.jsonl as each (scenario, concept, seed, method) finishes, and a
 finished training stage is reused, so a killed benchmark continues where it stopped. Under torchrun the
-(scenario, concept, seed) jobs are dealt out to the ranks (each rank on its own GPU, or one CPU thread
+unfinished (scenario, concept, seed) jobs are dealt out to the ranks (each rank on its own GPU, or one CPU thread
 each: torchrun sets OMP_NUM_THREADS=1), all appending to the one results.jsonl; rank 0 gathers the grid
 pictures and writes the tables. Every job is seeded by itself, so the tables do not depend on how
 many processes ran them. <out>/table.md has
@@ -275,18 +275,26 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.jsonl")
     done = {}
-    if os.path.exists(results_path):
+    if rank == 0 and os.path.exists(results_path):
         with open(results_path) as f:
             for line in f:
                 r = json.loads(line)
                 if "scenario" in r and all(m in r for m in LEAKS):  # rows of an older ToyBench are measured again
                     done[(r["scenario"], r["concept"], r["seed"], r["method"])] = r
+    if ranks > 1:  # every rank deals from what rank 0 read, not from a file another rank may be appending to
+        shared = [done]
+        dist.broadcast_object_list(shared, src=0)
+        done = shared[0]
     classifier = world.load_classifier(args.classifier)
     scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
 
     # Scenarios innermost, so a run stopped early has both scenarios' first concepts.
     jobs = [(c, concept, seed, scenario) for c, concept in enumerate(world.HELD_OUT[:args.concepts])
             for seed in range(args.seeds) for scenario in scenarios]
+    # Only unfinished jobs are dealt out, so the ranks of a resumed run share what is left evenly. The
+    # first concept's seed 0 always runs: its pictures are drawn again (training is reused) for the grids.
+    jobs = [job for job in jobs if (job[0], job[2]) == (0, 0) or any(
+        (job[3], world.concept_name(job[1]), job[2], method) not in done for method in args.methods)]
     pictures = {}  # first concept, seed 0, per scenario: references, then a row per method
     for c, concept, seed, scenario in jobs[rank::ranks]:
         name = world.concept_name(concept)
