@@ -39,13 +39,13 @@ any weights (stage1_tokens.py refuses --dd_weight with --residuals 0 for that re
 
 Results are appended to <out>/results.jsonl as each (scenario, concept, seed, method) finishes, and a
 finished training stage is reused, so a killed benchmark continues where it stopped. Under torchrun the
-unfinished (scenario, concept, seed) jobs are dealt out to the ranks (each rank on its own GPU, or one CPU thread
-each: torchrun sets OMP_NUM_THREADS=1), all appending to the one results.jsonl; rank 0 gathers the grid
-pictures and writes the tables. Every job is seeded by itself, so the tables do not depend on how
-many processes ran them. <out>/table.md has
-a table per scenario, <out>/summary.json {scenario: {method: {measure: [mean, std]}}} (mean and std over
-all concept x seed runs), <out>/grid_<scenario>.png the first concept at seed 0: references on top,
-then per method its named images (one per colour) and then its open images.
+unfinished (scenario, concept, seed) jobs are dealt out to the ranks (each rank on its own GPU, or one
+CPU thread each: torchrun sets OMP_NUM_THREADS=1), all appending to the one results.jsonl; rank 0
+gathers the grid pictures and writes the tables. Every job is seeded by itself, so the tables do not
+depend on how many processes ran them. <out>/table.md has a table per scenario, <out>/summary.json
+{scenario: {method: {measure: [mean, std]}}} (mean and std over all concept x seed runs),
+<out>/grid_<scenario>.png the first concept at seed 0: references on top, then per method its named
+images (one per colour) and then its open images.
 """
 import argparse
 import json
@@ -293,8 +293,8 @@ def main(argv=None):
             for seed in range(args.seeds) for scenario in scenarios]
     # Only unfinished jobs are dealt out, so the ranks of a resumed run share what is left evenly. The
     # first concept's seed 0 always runs: its pictures are drawn again (training is reused) for the grids.
-    jobs = [job for job in jobs if (job[0], job[2]) == (0, 0) or any(
-        (job[3], world.concept_name(job[1]), job[2], method) not in done for method in args.methods)]
+    jobs = [(c, concept, seed, scenario) for c, concept, seed, scenario in jobs if (c, seed) == (0, 0) or any(
+        (scenario, world.concept_name(concept), seed, method) not in done for method in args.methods)]
     pictures = {}  # first concept, seed 0, per scenario: references, then a row per method
     for c, concept, seed, scenario in jobs[rank::ranks]:
         name = world.concept_name(concept)
