@@ -1,7 +1,9 @@
 """The kernels compiled for a Hopper GPU (sm_90) with no GPU here: every config the launchers can
 launch at SD1.5's shapes, in every dtype the dispatcher sends, must compile and fit the 232,448 B
 of shared memory a block may have; fp64 must reach no kernel (kernels/compile_check.py). Two
-processes side by side, each compiling half of the distinct variants. Also: autotune results survive the process (the disk cache)."""
+processes side by side, each compiling half of the distinct variants (about 2 minutes on 2 cores).
+A positive control shows the check names both problems when they are there. Also: autotune results
+survive the process (the disk cache)."""
 import os
 import subprocess
 import sys
@@ -27,6 +29,32 @@ def test_every_launched_config_compiles_for_sm90_and_fits():
         summary = [line for line in reports[shard].splitlines() if line.startswith(("sm_90", "FAIL"))]
         assert p.returncode == 0, f"{shard}:\n" + "\n".join(summary or reports[shard].splitlines()[-20:])
         assert " 0 failures" in summary[0] and "variants compiled" in summary[0], summary
+
+
+CONTROL = """
+import io, os
+os.environ.pop("TRITON_INTERPRET", None)
+import torch
+import kernels.compile_check as check
+import kernels.attention, kernels.geglu, kernels.group_norm_silu
+kernels.attention.SD15_SHAPES[:] = []
+kernels.group_norm_silu.SD15_SHAPES[:] = []
+kernels.geglu.SD15_SHAPES[:] = [(1, 7, 2 * 40)]
+kernels.geglu.KERNEL_DTYPES = (*kernels.geglu.KERNEL_DTYPES, torch.float64)  # a dispatcher that lets fp64 through
+check.LIMITS[90] = 0  # every config that allocates shared memory is over this limit
+for failure in check.check(90, ["bf16", "fp64"], out=io.StringIO()):
+    print(failure)
+"""
+
+
+def test_the_compile_check_sees_what_it_checks_for():
+    """Positive control: with a shared-memory limit of 0 B and a GEGLU dispatcher that lets fp64
+    through, the check must name both problems (3 s: one small shape)."""
+    out, _ = run("-c", CONTROL).communicate(timeout=300)
+    failures = [line for line in out.splitlines() if line.startswith(("bf16", "fp64"))]
+    assert any(line.startswith("fp64 reached") and "_geglu_fwd" in line for line in failures), out
+    assert any(line.startswith("bf16 _geglu_fwd") and "B of shared memory > 0" in line for line in failures), out
+    assert any(line.startswith("bf16 _geglu_bwd") and "B of shared memory > 0" in line for line in failures), out
 
 
 TUNE_TWICE = """
