@@ -128,7 +128,7 @@ def _run_every_config(self, *args, **kwargs):
 ROWS = []
 
 
-def sd15_calls(dtype, device="cpu"):
+def sd15_calls(dtype, device):
     """What training (fwd + bwd) and sampling (fwd) launch at 512 px: the UNet's attention as the
     model lays it out, conditions shared through an index (the stage-1 step), GroupNorm+SiLU of the
     UNet and VAE, GEGLU of every feed-forward."""

@@ -32,8 +32,7 @@ def test_every_launched_config_compiles_for_sm90_and_fits():
 
 
 CONTROL = """
-import io, os
-os.environ.pop("TRITON_INTERPRET", None)
+import io
 import torch
 import kernels.compile_check as check
 import kernels.attention, kernels.geglu, kernels.group_norm_silu
