@@ -188,7 +188,7 @@ def check(arch=90, dtypes=("bf16", "fp16", "fp32", "fp64"), out=sys.stdout, shar
                   + (f"  {row['error']}" if row["error"] else "  OVER" if over else ""), file=out)
     print(f"sm_{arch}, triton {triton.__version__}, shard {shard[0]}/{shard[1]}: {len(ROWS)} variants compiled in "
           f"{time.perf_counter() - start:.0f} s, largest shared memory "
-          f"{max((r['shared'] or 0) for r in ROWS)} B (limit {limit}), {len(failures)} failures", file=out)
+          f"{max((r['shared'] or 0 for r in ROWS), default=0)} B (limit {limit}), {len(failures)} failures", file=out)
     return failures
 
 
